@@ -1,0 +1,29 @@
+"""The exceptions the library raises: one base class and one class per kind of mistake.
+
+Every message is a single line that names the argument (or the part of the batch or model), the value it got and
+what to do instead.
+
+Example:
+    >>> from lightning_tbptt import TBPTTCallback
+    >>> TBPTTCallback(segment_length=0)
+    Traceback (most recent call last):
+      ...
+    lightning_tbptt.errors.ConfigurationError: Expected argument `segment_length` to be a positive integer but got 0. Pass the number of time steps per segment, e.g. `TBPTTCallback(segment_length=64)`.
+
+"""  # noqa: E501
+
+
+class TBPTTError(Exception):
+    """Base class of every error raised by ``lightning_tbptt``."""
+
+
+class ConfigurationError(TBPTTError, ValueError):
+    """An argument of the callback, or the way it is combined with the ``Trainer``, cannot work."""
+
+
+class BatchError(TBPTTError, ValueError):
+    """A training batch cannot be cut into segments along time."""
+
+
+class ModelError(TBPTTError, TypeError):
+    """The ``LightningModule`` (or one of its submodules) cannot be trained segment by segment as it is."""
