@@ -1,0 +1,139 @@
+"""Cutting a batch into consecutive segments along its time dimension.
+
+The rule that decides what is a sequence:
+
+* a tensor with more than ``time_dim`` dimensions is a *sequence tensor*;
+* every sequence tensor of a batch must have the same size along ``time_dim``; that size is the batch's sequence
+  length ``T`` (tensors that disagree are an error, never a guess);
+* each sequence tensor is cut into views ``tensor.narrow(time_dim, start, length)`` (no copies); every other value
+  (tensors with ``time_dim`` or fewer dimensions such as per-sequence labels of shape ``(B,)``, scalars, strings,
+  ``None``) is passed unchanged into every segment.
+
+Batches may be any collection that Lightning itself moves between devices: tuples, lists, dicts, namedtuples,
+dataclasses, nested in any way.
+
+Example:
+    >>> import torch
+    >>> batch = {"x": torch.zeros(2, 5, 3), "y": torch.zeros(2, 5), "label": torch.tensor([0, 1])}
+    >>> [tuple(s["x"].shape) for s in split_batch(batch, segment_length=2)]
+    [(2, 2, 3), (2, 2, 3), (2, 1, 3)]
+    >>> split_batch(batch, segment_length=2)[2]["label"]
+    tensor([0, 1])
+    >>> sequence_length((torch.zeros(2, 5, 3), torch.zeros(2, 4)))
+    Traceback (most recent call last):
+      ...
+    lightning_tbptt.errors.BatchError: Expected every sequence tensor of the batch (a tensor with more than `time_dim=1` dimensions) to have the same size along dimension 1 but got sizes [5, 4] for tensors of shapes [(2, 5, 3), (2, 4)]. Pad them to one length, give per-sequence tensors at most 1 dimensions, or override `TBPTTCallback.split_batch`.
+
+"""  # noqa: E501
+
+from typing import Any
+
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+
+from lightning_tbptt.errors import BatchError
+
+_MAX_SHAPES_SHOWN = 8
+
+
+def _tensors(batch: Any) -> list[Tensor]:
+    found: list[Tensor] = []
+    apply_to_collection(batch, Tensor, found.append)
+    return found
+
+
+def _shapes(tensors: list[Tensor]) -> str:
+    shapes = [tuple(t.shape) for t in tensors[:_MAX_SHAPES_SHOWN]]
+    more = ", ..." if len(tensors) > _MAX_SHAPES_SHOWN else ""
+    return ", ".join(str(s) for s in shapes) + more
+
+
+def sequence_length(batch: Any, time_dim: int = 1) -> int:
+    """Return the length ``T`` along ``time_dim`` that every sequence tensor of ``batch`` shares.
+
+    Args:
+        batch: Any collection of tensors (see the module documentation for the rule).
+        time_dim: The dimension that indexes time in sequence tensors.
+
+    Returns:
+        The sequence length of the batch.
+
+    Raises:
+        BatchError: If the batch has no tensor, no tensor with a ``time_dim`` dimension, sequence tensors that
+            disagree on their length, or a length of 0.
+
+    """
+    tensors = _tensors(batch)
+    if not tensors:
+        raise BatchError(
+            f"Expected the training batch to contain at least one tensor to cut along `time_dim={time_dim}` but got"
+            f" a batch of type {type(batch).__name__} without tensors. Return tensors from your DataLoader or"
+            " override `TBPTTCallback.split_batch`."
+        )
+    sequences = [t for t in tensors if t.dim() > time_dim]
+    if not sequences:
+        raise BatchError(
+            f"Expected at least one tensor of the batch to have dimension `time_dim={time_dim}` but got tensors of"
+            f" shapes [{_shapes(tensors)}]. Set `time_dim` to the time dimension of your sequence tensors (1 for"
+            " batch-first `(B, T, ...)`, 0 for time-first `(T, B, ...)`)."
+        )
+    lengths = sorted({t.shape[time_dim] for t in sequences}, reverse=True)
+    if len(lengths) > 1:
+        raise BatchError(
+            "Expected every sequence tensor of the batch (a tensor with more than"
+            f" `time_dim={time_dim}` dimensions) to have the same size along dimension {time_dim} but got sizes"
+            f" {lengths} for tensors of shapes [{_shapes(sequences)}]. Pad them to one length, give per-sequence"
+            f" tensors at most {time_dim} dimensions, or override `TBPTTCallback.split_batch`."
+        )
+    if lengths[0] == 0:
+        raise BatchError(
+            f"Expected the batch's sequences to have at least one time step along `time_dim={time_dim}` but got"
+            f" length 0 for tensors of shapes [{_shapes(sequences)}]. Remove empty sequences from your DataLoader."
+        )
+    return lengths[0]
+
+
+def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
+    """Return the ``(start, stop)`` time indices of consecutive segments covering ``length`` steps.
+
+    The last segment is shorter when ``segment_length`` does not divide ``length``.
+
+    Example:
+        >>> segment_bounds(10, 4)
+        [(0, 4), (4, 8), (8, 10)]
+
+    """
+    return [(start, min(start + segment_length, length)) for start in range(0, length, segment_length)]
+
+
+def slice_batch(batch: Any, start: int, stop: int, time_dim: int = 1) -> Any:
+    """Return the view of ``batch`` restricted to time steps ``start:stop`` of every sequence tensor.
+
+    Tensors with ``time_dim`` or fewer dimensions and non-tensor values are returned unchanged.
+
+    """
+    size = stop - start
+
+    def narrow(tensor: Tensor) -> Tensor:
+        return tensor.narrow(time_dim, start, size) if tensor.dim() > time_dim else tensor
+
+    return apply_to_collection(batch, Tensor, narrow)
+
+
+def split_batch(batch: Any, segment_length: int, time_dim: int = 1) -> list[Any]:
+    """Cut ``batch`` into consecutive segments of ``segment_length`` steps along ``time_dim``.
+
+    Args:
+        batch: Any collection of tensors (see the module documentation for the rule).
+        segment_length: Number of time steps per segment; the last segment may be shorter.
+        time_dim: The dimension that indexes time in sequence tensors.
+
+    Returns:
+        One batch of the same structure per segment, holding views of the original tensors.
+
+    Raises:
+        BatchError: If the batch has no sequence length (see :func:`sequence_length`).
+
+    """
+    length = sequence_length(batch, time_dim)
+    return [slice_batch(batch, start, stop, time_dim) for start, stop in segment_bounds(length, segment_length)]
