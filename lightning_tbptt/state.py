@@ -1,0 +1,216 @@
+"""Carrying the recurrent state of a model from one segment to the next without changing the model.
+
+Every carried module gets a forward pre-hook and a forward hook:
+
+* a call made *without* a state (the state argument absent or ``None``) receives the state the module returned at
+  the end of the previous segment, detached from its graph; a state passed explicitly always wins;
+* the state returned by the module's last call in a segment becomes the carried state once the segment is done.
+
+The carried state changes only between segments, so a module called several times in one segment (or re-run by
+activation checkpointing during backward) sees the same carried state every time. Carried tensors are fresh,
+detached, contiguous tensors that nothing writes into.
+
+Example:
+    >>> import torch
+    >>> lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    >>> carrier = StateCarrier({"lstm": lstm})
+    >>> x = torch.randn(2, 6, 3)
+    >>> with carrier.segment():
+    ...     first, _ = lstm(x[:, :3])
+    >>> with carrier.segment():
+    ...     second, _ = lstm(x[:, 3:])
+    >>> full, _ = lstm(x)  # outside a segment the hooks do nothing
+    >>> torch.allclose(torch.cat([first, second], dim=1), full, atol=1e-6)
+    True
+    >>> carrier.carried["lstm"][0].requires_grad
+    False
+    >>> carrier.remove()
+
+"""
+
+import inspect
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from lightning_tbptt.errors import ModelError
+
+
+def detach_state(state: Any) -> Any:
+    """Return ``state`` (any nested collection of tensors) with every tensor detached and contiguous.
+
+    Example:
+        >>> import torch
+        >>> h = torch.ones(2, 3, requires_grad=True) * 2
+        >>> detached = detach_state((h, [h.t()]))
+        >>> detached[0].grad_fn is None, detached[1][0].is_contiguous()
+        (True, True)
+
+    """
+    return apply_to_collection(state, Tensor, lambda t: t.detach().contiguous())
+
+
+def _is_inside(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def _check_names(model: nn.Module, names: Sequence[str], argument: str, available: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in available]
+    if unknown:
+        shown = ", ".join(repr(n) for n in available[:10]) + (", ..." if len(available) > 10 else "")
+        raise ModelError(
+            f"Expected every name in `{argument}` to be a submodule of {type(model).__name__} but got {unknown}."
+            f" Use names as listed by `model.named_modules()`: {shown}."
+        )
+
+
+def find_recurrent_modules(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """Return the submodules of ``model`` whose state is carried across segments, by qualified name.
+
+    These are every :class:`torch.nn.RNNBase` submodule (``LSTM``, ``GRU``, ``RNN``) and every module named in
+    ``include``, except the modules named in ``exclude`` and everything inside them. A module named in ``include``
+    owns the state of the recurrent modules inside it, which are then not carried separately.
+
+    Args:
+        model: The model to search.
+        include: Names of custom recurrent modules that follow ``forward(input, state=None) -> (output, state)``.
+        exclude: Names of modules (and their children) whose state must not be carried.
+
+    Raises:
+        ModelError: If a name is not a submodule of ``model``, or a bidirectional RNN is not excluded.
+
+    Example:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.encoder = nn.GRU(3, 4)
+        ...         self.context = nn.LSTM(3, 4, bidirectional=True)
+        >>> sorted(find_recurrent_modules(Net(), exclude=["context"]))
+        ['encoder']
+        >>> find_recurrent_modules(Net())
+        Traceback (most recent call last):
+          ...
+        lightning_tbptt.errors.ModelError: Cannot carry the state of the bidirectional module `context` (LSTM) across segments: its backward direction needs time steps of later segments. Pass `TBPTTCallback(exclude_modules=['context'])` to let it start from zeros in every segment, or make it unidirectional.
+
+    """  # noqa: E501
+    available = [name for name, _ in model.named_modules() if name]
+    _check_names(model, include, "recurrent_modules", available)
+    _check_names(model, exclude, "exclude_modules", available)
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or _is_inside(name, exclude):
+            continue
+        owned_by_included = any(name.startswith(owner + ".") for owner in include)
+        if name in include or (isinstance(module, nn.RNNBase) and not owned_by_included):
+            found[name] = module
+    for name, module in found.items():
+        if getattr(module, "bidirectional", False):
+            raise ModelError(
+                f"Cannot carry the state of the bidirectional module `{name}` ({type(module).__name__}) across"
+                " segments: its backward direction needs time steps of later segments. Pass"
+                f" `TBPTTCallback(exclude_modules=[{name!r}])` to let it start from zeros in every segment, or make"
+                " it unidirectional."
+            )
+    return found
+
+
+def _state_argument(name: str, module: nn.Module) -> str:
+    """Return the name of the parameter through which ``module.forward`` takes its state (the second one)."""
+    if isinstance(module, nn.RNNBase):
+        return "hx"
+    parameters = [
+        p
+        for p in inspect.signature(module.forward).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(parameters) < 2:
+        raise ModelError(
+            f"Expected the module `{name}` ({type(module).__name__}) named in `recurrent_modules` to take its state"
+            f" as second argument, `forward(input, state=None) -> (output, new_state)`, but got"
+            f" `forward{inspect.signature(module.forward)}`. Give its forward a state argument or remove it from"
+            " `recurrent_modules`."
+        )
+    return parameters[1].name
+
+
+class StateCarrier:
+    """Carries the state of the given modules across segments through forward hooks.
+
+    Args:
+        modules: The modules to carry, by name (see :func:`find_recurrent_modules`).
+
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
+        self.carried: dict[str, Any] = {}
+        self._pending: dict[str, Any] = {}
+        self._active = False
+        self._handles: list[RemovableHandle] = []
+        for name, module in modules.items():
+            argument = _state_argument(name, module)
+            self._handles.append(
+                module.register_forward_pre_hook(partial(self._inject, name, argument), with_kwargs=True)
+            )
+            self._handles.append(module.register_forward_hook(partial(self._capture, name)))
+
+    @contextmanager
+    def segment(self) -> Iterator[None]:
+        """Activate the hooks for one segment; on success, the states the modules returned become the carried ones.
+
+        If the segment raises, the carried state is left as it was.
+
+        """
+        self._active = True
+        try:
+            yield
+        except BaseException:
+            self._pending.clear()
+            raise
+        finally:
+            self._active = False
+        self.carried.update({name: detach_state(state) for name, state in self._pending.items()})
+        self._pending.clear()
+
+    def reset(self) -> None:
+        """Forget every carried state: the next segment starts from the modules' default (zero) state."""
+        self.carried.clear()
+        self._pending.clear()
+
+    def remove(self) -> None:
+        """Remove every hook from the modules."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def _inject(
+        self, name: str, argument: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        if not self._active or name not in self.carried:
+            return None
+        state = self.carried[name]
+        if len(args) >= 2:
+            if args[1] is not None:
+                return None
+            return (args[0], state, *args[2:]), kwargs
+        if kwargs.get(argument) is not None:
+            return None
+        return args, {**kwargs, argument: state}
+
+    def _capture(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not self._active:
+            return
+        if not isinstance(output, tuple) or len(output) != 2:
+            raise ModelError(
+                f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"
+                f" got {type(output).__name__}. Return a pair from its forward, or pass"
+                f" `TBPTTCallback(exclude_modules=[{name!r}])`."
+            )
+        self._pending[name] = output[1]
