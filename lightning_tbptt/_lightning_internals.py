@@ -1,0 +1,196 @@
+"""The one module that touches Lightning's private training loop.
+
+Lightning 2.x has no public way to run one batch as several optimisation steps, so for the duration of a fit the
+library replaces, on the loop *instances* of one ``Trainer`` (never on classes), the few methods that decide how a
+batch is run, and removes them afterwards. Private names used, unchanged in pytorch-lightning 2.1.0 → 2.6.x:
+
+* ``Trainer.fit_loop.epoch_loop`` — the ``_TrainingEpochLoop``;
+* ``_TrainingEpochLoop.automatic_optimization`` — ``_AutomaticOptimization``, and its
+  ``run(optimizer, batch_idx, kwargs)``, ``_make_zero_grad_fn(batch_idx, optimizer)``, ``_skip_backward``,
+  ``_on_before_zero_grad(optimizer)`` and ``_optimizer_zero_grad(batch_idx, optimizer)``;
+* ``_TrainingEpochLoop.manual_optimization`` — ``_ManualOptimization``, and its ``run(kwargs)``;
+* ``_TrainingEpochLoop._should_accumulate()`` and ``_num_ready_batches_reached()``.
+
+Calling the original ``run`` once per segment gives every segment Lightning's whole automatic-optimisation path
+(precision plugin, gradient clipping, ``optimizer_step`` and every backward/optimizer hook). Whether a segment zeroes
+the gradients and whether it steps are decided per segment by overriding the two per-batch decisions
+(``_make_zero_grad_fn`` and ``_should_accumulate``) while the segment runs.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+from torch.optim import Optimizer
+
+from lightning_tbptt.errors import ConfigurationError
+from lightning_tbptt.schedule import Decision
+
+_REQUIRED = {
+    "epoch_loop": ("automatic_optimization", "manual_optimization", "_should_accumulate", "_num_ready_batches_reached"),
+    "automatic_optimization": (
+        "run",
+        "_make_zero_grad_fn",
+        "_skip_backward",
+        "_on_before_zero_grad",
+        "_optimizer_zero_grad",
+    ),
+    "manual_optimization": ("run",),
+}
+
+
+@dataclass
+class BatchContext:
+    """What the training loop knows about the batch about to be run."""
+
+    kwargs: "OrderedDict[str, Any]"
+    """The arguments of ``training_step`` in order (``batch`` and, if the step takes it, ``batch_idx``)."""
+    batch_idx: int
+    automatic: bool
+    """Whether the module uses automatic optimization (``False``: the module steps its optimizers itself)."""
+    batch_zeroes: bool = False
+    """Lightning's per-batch rule: the gradients are zeroed for this batch."""
+    batch_steps: bool = False
+    """Lightning's per-batch rule: the optimizer steps after this batch."""
+    final_batch: bool = False
+    """This is the last batch of the epoch."""
+
+
+RunSegment = Callable[["OrderedDict[str, Any]", Decision | None], dict[str, Any]]
+RunBatch = Callable[[BatchContext, RunSegment], dict[str, Any]]
+
+
+class TrainingLoopPatch:
+    """Makes the training loop of one ``Trainer`` run each batch through ``run_batch``.
+
+    Args:
+        trainer: The trainer whose loop instances are patched.
+        run_batch: Called once per training batch with the batch context and a function that runs one segment
+            through Lightning's own optimisation path (given the segment's ``training_step`` arguments and, in
+            automatic optimization, the segment's :class:`~lightning_tbptt.schedule.Decision`).
+        gradients_pending: Answers, between batches, whether gradients are accumulated and wait for a step (``None``
+            to keep Lightning's own per-batch answer).
+
+    """
+
+    def __init__(
+        self, trainer: "pl.Trainer", run_batch: RunBatch, gradients_pending: Callable[[], bool | None]
+    ) -> None:
+        epoch_loop = trainer.fit_loop.epoch_loop
+        objects = {
+            "epoch_loop": epoch_loop,
+            "automatic_optimization": getattr(epoch_loop, "automatic_optimization", None),
+            "manual_optimization": getattr(epoch_loop, "manual_optimization", None),
+        }
+        for owner, names in _REQUIRED.items():
+            missing = [name for name in names if not hasattr(objects[owner], name)]
+            if missing:
+                raise ConfigurationError(
+                    f"Expected pytorch-lightning 2.1 to 2.6 but got version {pl.__version__}, whose training loop"
+                    f" has no `{owner}.{missing[0]}`. Install a supported release, e.g."
+                    " `pip install 'pytorch-lightning>=2.1,<2.7'`."
+                )
+        self._trainer = trainer
+        self._epoch_loop = epoch_loop
+        self._automatic = epoch_loop.automatic_optimization
+        self._manual = epoch_loop.manual_optimization
+        self._run_batch = run_batch
+        self._gradients_pending = gradients_pending
+        self._decision: Decision | None = None
+        self._patches = (
+            (self._automatic, "run", self._run_automatic),
+            (self._automatic, "_make_zero_grad_fn", self._make_zero_grad_fn),
+            (self._manual, "run", self._run_manual),
+            (self._epoch_loop, "_should_accumulate", self._should_accumulate),
+        )
+
+    def install(self) -> None:
+        """Install the patches as instance attributes of the loop objects."""
+        for owner, name, function in self._patches:
+            setattr(owner, name, function)
+
+    def remove(self) -> None:
+        """Remove the patches; the loop objects fall back to their class methods. Safe to call more than once."""
+        for owner, name, function in self._patches:
+            if vars(owner).get(name) == function:
+                delattr(owner, name)
+        self._decision = None
+
+    @property
+    def installed(self) -> bool:
+        """Whether the patches are in place."""
+        return any(vars(owner).get(name) == function for owner, name, function in self._patches)
+
+    def _class_method(self, owner: object, name: str) -> Callable[..., Any]:
+        return getattr(type(owner), name).__get__(owner)
+
+    def _run_automatic(self, optimizer: Optimizer, batch_idx: int, kwargs: "OrderedDict[str, Any]") -> dict[str, Any]:
+        original_run = self._class_method(self._automatic, "run")
+        lightning_accumulates = self._class_method(self._epoch_loop, "_should_accumulate")()
+        context = BatchContext(
+            kwargs=kwargs,
+            batch_idx=batch_idx,
+            automatic=True,
+            batch_zeroes=batch_idx % self._trainer.accumulate_grad_batches == 0,
+            batch_steps=not lightning_accumulates,
+            final_batch=self._epoch_loop._num_ready_batches_reached(),
+        )
+
+        def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None) -> dict[str, Any]:
+            self._decision = decision
+            try:
+                return original_run(optimizer, batch_idx, segment_kwargs)
+            finally:
+                self._decision = None
+
+        return self._run_batch(context, run_segment)
+
+    def _run_manual(self, kwargs: "OrderedDict[str, Any]") -> dict[str, Any]:
+        original_run = self._class_method(self._manual, "run")
+        batch_idx = kwargs.get("batch_idx", -1)
+        context = BatchContext(kwargs=kwargs, batch_idx=batch_idx, automatic=False)
+
+        def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None) -> dict[str, Any]:
+            return original_run(segment_kwargs)
+
+        return self._run_batch(context, run_segment)
+
+    def _make_zero_grad_fn(self, batch_idx: int, optimizer: Optimizer) -> Callable[[], None] | None:
+        decision = self._decision
+        automatic = self._automatic
+        if decision is None:
+            return self._class_method(automatic, "_make_zero_grad_fn")(batch_idx, optimizer)
+        if automatic._skip_backward or not decision.zero_grad:
+            return None
+
+        def zero_grad_fn() -> None:
+            automatic._on_before_zero_grad(optimizer)
+            automatic._optimizer_zero_grad(batch_idx, optimizer)
+
+        return zero_grad_fn
+
+    def _should_accumulate(self) -> bool:
+        if self._decision is not None:
+            return not self._decision.step
+        pending = self._gradients_pending()
+        if pending is None:
+            return self._class_method(self._epoch_loop, "_should_accumulate")()
+        return pending
+
+
+def patched_loop_attributes(trainer: "pl.Trainer") -> list[str]:
+    """Return the loop methods that are shadowed on the loop instances of ``trainer`` (empty when none is)."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    owners = {
+        "epoch_loop": epoch_loop,
+        "automatic_optimization": epoch_loop.automatic_optimization,
+        "manual_optimization": epoch_loop.manual_optimization,
+    }
+    return [
+        f"{owner}.{name}"
+        for owner, names in _REQUIRED.items()
+        for name in names
+        if callable(vars(owners[owner]).get(name))
+    ]

@@ -1,0 +1,218 @@
+"""Exact counts: hooks, optimizer steps, ``global_step``, the logger step, schedulers and ``max_steps``."""
+
+from collections import Counter
+from typing import Any
+
+import pytest
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers.logger import Logger
+from torch.utils.data import DataLoader
+
+from lightning_tbptt import TBPTTCallback
+from tests.helpers import (
+    SequenceRegressor,
+    make_data,
+    make_loader,
+    make_trainer,
+    parameters_equal,
+    reference_tbptt,
+    twin,
+)
+
+# 12 sequences of 23 steps in batches of 4, segments of 5: 3 batches of 5 segments per epoch
+BATCHES, SEGMENTS = 3, 5
+
+
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+
+class CountingModel(SequenceRegressor):
+    def __init__(self, scheduler: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.calls: Counter[str] = Counter()
+        self.segment_losses: list[float] = []
+        self.use_scheduler = scheduler
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.calls["training_step"] += 1
+        loss = super().training_step(batch, batch_idx)
+        self.segment_losses.append(loss.item())
+        return loss
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self.calls["on_train_batch_start"] += 1
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.calls["on_train_batch_end"] += 1
+        assert batch[0].shape[1] == 23, "batch hooks see the whole batch"
+        # the last segment's loss, divided by `accumulate_grad_batches` as Lightning does
+        last = self.segment_losses[-1] / self.trainer.accumulate_grad_batches
+        assert outputs["loss"].item() == pytest.approx(last), "outputs are the last segment's"
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        self.calls["on_before_backward"] += 1
+
+    def on_after_backward(self) -> None:
+        self.calls["on_after_backward"] += 1
+
+    def on_before_zero_grad(self, optimizer: Any) -> None:
+        self.calls["on_before_zero_grad"] += 1
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.calls["on_before_optimizer_step"] += 1
+
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: Any = None, **kwargs: Any) -> None:
+        self.calls["configure_gradient_clipping"] += 1
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, **kwargs)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        self.calls["optimizer_step"] += 1
+        super().optimizer_step(*args, **kwargs)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        if not self.use_scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class CallbackCounter(Callback):
+    def __init__(self) -> None:
+        self.calls: Counter[str] = Counter()
+
+    def on_before_backward(self, *args: Any) -> None:
+        self.calls["on_before_backward"] += 1
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        self.calls["on_before_optimizer_step"] += 1
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.calls["on_train_batch_end"] += 1
+
+
+# (step_per, accumulate, segment_length) -> optimizer steps, batches after which the optimizer had stepped
+CASES = {
+    ("segment", 1, 5): (15, 3),
+    ("batch", 1, 5): (3, 3),
+    # segments 2, 4 | 6, 8, 10 | 12, 14 and 15 (end of epoch) step; batches 2 and 3 end on a step
+    ("segment", 2, 5): (8, 2),
+    # two segments per batch: every batch ends on a step (Lightning's per-batch rule alone would say batches 2, 3)
+    ("segment", 2, 12): (3, 3),
+    # batches 2 and 3 (end of epoch)
+    ("batch", 2, 5): (2, 2),
+}
+
+
+@pytest.mark.parametrize(
+    ("step_per", "accumulate", "segment_length"), list(CASES), ids=[f"{s}-accumulate={a}-k={k}" for s, a, k in CASES]
+)
+def test_hook_and_step_counts(tmp_path, step_per, accumulate, segment_length):
+    steps, stepping_batches = CASES[(step_per, accumulate, segment_length)]
+    model = CountingModel(scheduler=True).double()
+    logger, counter = RecordingLogger(), CallbackCounter()
+    trainer = make_trainer(
+        tmp_path,
+        [TBPTTCallback(segment_length, step_per=step_per), counter],
+        logger=logger,
+        log_every_n_steps=1,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=10.0,
+    )
+    trainer.fit(model, make_loader())
+
+    segments = BATCHES * -(-23 // segment_length)
+    assert model.calls == {
+        "training_step": segments,
+        "on_before_backward": segments,
+        "on_after_backward": segments,
+        "on_train_batch_start": BATCHES,
+        "on_train_batch_end": BATCHES,
+        "on_before_zero_grad": steps,
+        "on_before_optimizer_step": steps,
+        "configure_gradient_clipping": steps,
+        # Lightning calls the `optimizer_step` hook only for steps, not for accumulating segments
+        "optimizer_step": steps,
+    }
+    assert counter.calls == {"on_before_backward": segments, "on_before_optimizer_step": steps, "on_train_batch_end": 3}
+    assert trainer.global_step == steps
+    # step-interval schedulers and the logger's step advance once per batch after which the optimizer had stepped
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == stepping_batches
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**stepping_batches)
+    logged_steps = [step for step, metrics in logger.records if "train_loss_step" in metrics]
+    assert logged_steps == list(range(stepping_batches))
+
+
+def test_logged_step_value_is_last_segment_and_epoch_value_is_mean_of_segments(tmp_path):
+    model = CountingModel().double()
+    logger = RecordingLogger()
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], logger=logger, log_every_n_steps=1)
+    trainer.fit(model, make_loader())
+    step_values = [metrics["train_loss_step"] for _, metrics in logger.records if "train_loss_step" in metrics]
+    last_segments = model.segment_losses[SEGMENTS - 1 :: SEGMENTS]
+    assert step_values == pytest.approx(last_segments)
+    (epoch_value,) = [metrics["train_loss_epoch"] for _, metrics in logger.records if "train_loss_epoch" in metrics]
+    assert epoch_value == pytest.approx(sum(model.segment_losses) / len(model.segment_losses))
+
+
+@pytest.mark.parametrize(
+    ("step_per", "max_steps", "segments_run", "batches_started"),
+    [("segment", 7, 7, 2), ("segment", 10, 10, 2), ("batch", 2, 10, 2)],
+    ids=["segment-mid-batch", "segment-batch-boundary", "batch"],
+)
+def test_max_steps_stops_after_exactly_that_many_optimizer_steps(
+    tmp_path, step_per, max_steps, segments_run, batches_started
+):
+    model = CountingModel().double()
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5, step_per=step_per)], max_epochs=-1, max_steps=max_steps)
+    trainer.fit(model, make_loader())
+    assert trainer.global_step == max_steps
+    assert model.calls["training_step"] == segments_run
+    assert model.calls["on_train_batch_start"] == batches_started
+
+
+def test_validation_between_batches_does_not_clear_accumulated_gradients(tmp_path):
+    """Segment-level accumulation pending at the end of a batch survives Lightning's zeroing before validation."""
+
+    class WithValidation(SequenceRegressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
+
+    # batches of 10, 15, 10 and 15 steps: 2, 3, 2, 3 segments of 5. With accumulate_grad_batches=2, batch 2 ends
+    # with segment 5 pending while Lightning's per-batch rule (2 % 2 == 0) would step and zero before validation
+    batches = [make_data(num_sequences=4, length=n, seed=i) for i, n in enumerate([10, 15, 10, 15])]
+    torch.manual_seed(0)
+    model = WithValidation().double()
+    reference = twin(model)
+    trainer = make_trainer(
+        tmp_path,
+        [TBPTTCallback(5, step_per="segment")],
+        accumulate_grad_batches=2,
+        val_check_interval=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
+    counts = reference_tbptt(reference, batches, segment_length=5, accumulate=2)
+    assert trainer.global_step == counts["steps"] == 5
+    assert parameters_equal(model, reference)

@@ -1,0 +1,120 @@
+"""Memory does not grow with sequence length: no autograd graph spans two segments."""
+
+import json
+import subprocess
+import sys
+import weakref
+from typing import Any
+
+import pytest
+import torch
+
+import lightning_tbptt.state
+from lightning_tbptt import TBPTTCallback
+from tests.helpers import SequenceRegressor, make_loader, make_trainer
+
+
+class SavedTensor:
+    """What autograd saves for backward, wrapped so that the test can watch it die."""
+
+    __slots__ = ("__weakref__", "tensor")
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+class GraphWatcher(SequenceRegressor):
+    """Checks at the start of every segment that everything the previous segment's graph saved has been freed."""
+
+    def __init__(self) -> None:
+        super().__init__(num_layers=2, log=True)
+        self.saved: list[weakref.ref[SavedTensor]] = []
+        self.checked = 0
+
+    def pack(self, tensor: torch.Tensor) -> SavedTensor:
+        saved = SavedTensor(tensor)
+        self.saved.append(weakref.ref(saved))
+        return saved
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.saved:
+            alive = sum(ref() is not None for ref in self.saved)
+            assert alive == 0, f"the previous segment's autograd graph is still alive ({alive} saved tensors)"
+            self.checked += 1
+        self.saved = []
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, lambda saved: saved.tensor):
+            loss = self.forward_loss(batch)
+        assert self.saved, "the segment's graph saved tensors"
+        self.log("train_loss", loss)
+        return loss
+
+    def forward_loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), y)
+
+
+@pytest.mark.parametrize("step_per", ["segment", "batch"])
+def test_each_segment_graph_is_freed_before_the_next_segment(tmp_path, step_per):
+    model = GraphWatcher().double()
+    make_trainer(tmp_path, [TBPTTCallback(5, step_per=step_per)]).fit(model, make_loader())
+    assert model.checked == 3 * 5 - 1
+
+
+class KeepsAGraph(GraphWatcher):
+    def forward_loss(self, batch: Any) -> torch.Tensor:
+        self.kept = self(batch[0])  # a graph that is never backpropagated, kept until the next segment
+        return super().forward_loss(batch)
+
+
+def test_graph_check_detects_a_segment_kept_alive(tmp_path):
+    """Negative control: the check above sees a graph that outlives its segment."""
+    with pytest.raises(AssertionError, match="previous segment's autograd graph is still alive"):
+        make_trainer(tmp_path, [TBPTTCallback(5)]).fit(KeepsAGraph().double(), make_loader())
+
+
+def test_a_carried_state_that_kept_its_graph_would_break_the_next_backward(tmp_path, monkeypatch):
+    """Negative control for detaching: without it, segment 2 backpropagates into segment 1's freed graph."""
+    monkeypatch.setattr(lightning_tbptt.state, "detach_state", lambda state: state)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        make_trainer(tmp_path, [TBPTTCallback(5)]).fit(GraphWatcher().double(), make_loader())
+
+
+PROBE = """
+import json, resource, sys, warnings
+warnings.filterwarnings("ignore")
+import torch, pytorch_lightning as pl
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_tbptt import TBPTTCallback
+from tests.helpers import SequenceRegressor
+
+length, use_callback = int(sys.argv[1]), sys.argv[2] == "tbptt"
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = SequenceRegressor(input_size=8, hidden_size=128, log=False)
+x = torch.randn(16, length, 8)
+loader = DataLoader(TensorDataset(x, torch.cumsum(x[..., :1], 1)), batch_size=16)
+trainer = pl.Trainer(
+    max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    callbacks=[TBPTTCallback(64)] if use_callback else [],
+)
+trainer.fit(model, loader)
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def peak_memory_mib(length: int, mode: str) -> float:
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE, str(length), mode], capture_output=True, text=True, check=True, timeout=300
+    )
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def test_peak_memory_is_flat_in_sequence_length():
+    short, long = 512, 4096
+    base = peak_memory_mib(short, "tbptt")
+    with_callback = peak_memory_mib(long, "tbptt")
+    full_bptt = peak_memory_mib(long, "full")
+    growth_callback, growth_full = with_callback - base, full_bptt - base
+    assert growth_full > 150, f"the probe must see full BPTT grow (grew {growth_full:.0f} MiB)"
+    # the data itself (input, target and their collated copies) grows by about 8 MiB
+    assert growth_callback < 0.1 * growth_full, (base, with_callback, full_bptt)
