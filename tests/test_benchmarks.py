@@ -1,0 +1,24 @@
+"""The benchmark scripts keep working (tiny sizes; the numbers themselves are measured by running the scripts)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_overhead_benchmark_runs_and_prints_the_three_methods():
+    args = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "2", "--length", "64", "--batches", "2"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *args, "--segment-length", "16", "--rounds", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    lines = result.stdout.splitlines()
+    for method in ("raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"):
+        (row,) = [line for line in lines if line.startswith(method)]
+        ms, fastest, vs_raw, vs_manual = (float(v) for v in row[len(method) :].split())
+        assert ms > 0 and fastest > 0 and vs_raw > 0 and vs_manual > 0
