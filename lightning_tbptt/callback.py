@@ -157,7 +157,7 @@ class TBPTTCallback(Callback):
                 " another strategy."
             )
         modules = find_recurrent_modules(pl_module, self.recurrent_modules, self.exclude_modules)
-        if not modules and not self._takes_hiddens:
+        if not modules and not self._takes_hiddens and not self.exclude_modules:
             rank_zero_warn(
                 f"`TBPTTCallback` found no recurrent module in {type(pl_module).__name__}, so no state is carried"
                 " between segments. Name custom recurrent modules in `TBPTTCallback(recurrent_modules=[...])`."
