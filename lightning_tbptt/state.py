@@ -103,6 +103,12 @@ def find_recurrent_modules(
     available = [name for name, _ in model.named_modules() if name]
     _check_names(model, include, "recurrent_modules", available)
     _check_names(model, exclude, "exclude_modules", available)
+    conflicting = [name for name in include if _is_inside(name, exclude)]
+    if conflicting:
+        raise ModelError(
+            f"Expected `recurrent_modules` and `exclude_modules` not to overlap but {conflicting} are both carried and"
+            " excluded. Remove them from one of the two."
+        )
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not name or _is_inside(name, exclude):

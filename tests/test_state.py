@@ -172,6 +172,11 @@ def test_unknown_module_names_are_rejected(argument):
         find_recurrent_modules(Network(), **{argument: ["encodr"]})
 
 
+def test_a_module_both_carried_and_excluded_is_rejected():
+    with pytest.raises(ModelError, match=r"not to overlap but \['custom'\] are both carried and excluded"):
+        find_recurrent_modules(Network(), include=["custom"], exclude=["custom"])
+
+
 def test_detach_state_handles_nested_collections():
     x = torch.ones(2, 3, requires_grad=True) * 3
     state = {"a": (x, [x.t()]), "b": None, "n": 3}
