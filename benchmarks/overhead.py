@@ -10,6 +10,7 @@ Prints the median milliseconds per segment and the ratios.
 
 import argparse
 import itertools
+import logging
 import statistics
 import time
 import warnings
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--log", action="store_true", help="self.log once per segment in the Lightning variants")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lr = 0.01
