@@ -2,7 +2,7 @@
 
 import copy
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -172,3 +172,23 @@ def reference_full_bptt(
 def twin(model: nn.Module) -> nn.Module:
     """An identical copy of ``model`` for the reference loop."""
     return copy.deepcopy(model)
+
+
+class Fitted(NamedTuple):
+    model: Any
+    reference: Any
+    loader: Any
+    trainer: pl.Trainer
+
+
+def fit_with_twin(
+    tmp_path: Any, make_model: Callable[[], nn.Module], callbacks: Iterable[Any], loader: Any = None, **kwargs: Any
+) -> Fitted:
+    """Seed, build the model, keep an untrained twin of it for the reference loop, then fit the model."""
+    torch.manual_seed(0)
+    model = make_model()
+    reference = twin(model)
+    loader = make_loader() if loader is None else loader
+    trainer = make_trainer(tmp_path, callbacks, **kwargs)
+    trainer.fit(model, loader)
+    return Fitted(model, reference, loader, trainer)

@@ -8,6 +8,7 @@ import torch
 from lightning_tbptt import TBPTTCallback
 from tests.helpers import (
     SequenceRegressor,
+    fit_with_twin,
     make_loader,
     make_trainer,
     max_difference,
@@ -94,12 +95,10 @@ def test_gradient_clipping_applies_per_step(tmp_path, step_per):
 @pytest.mark.parametrize("segment_length", [23, 100], ids=["equal-to-T", "longer-than-T"])
 @pytest.mark.parametrize("step_per", ["segment", "batch"])
 def test_segment_as_long_as_the_sequence_is_full_bptt(tmp_path, segment_length, step_per):
-    torch.manual_seed(0)
-    model = SequenceRegressor(num_layers=2).double()
-    reference = twin(model)
-    loader = make_loader()
-    trainer = make_trainer(tmp_path, [TBPTTCallback(segment_length, step_per=step_per)], max_epochs=2)
-    trainer.fit(model, loader)
+    callback = TBPTTCallback(segment_length, step_per=step_per)
+    model, reference, loader, trainer = fit_with_twin(
+        tmp_path, lambda: SequenceRegressor(num_layers=2).double(), [callback], max_epochs=2
+    )
     steps = reference_full_bptt(reference, loader, epochs=2)
     assert trainer.global_step == steps == 6
     assert parameters_equal(model, reference)
@@ -107,11 +106,8 @@ def test_segment_as_long_as_the_sequence_is_full_bptt(tmp_path, segment_length, 
 
 def test_step_per_batch_equals_summed_segment_losses_with_one_backward(tmp_path):
     """The seed-blog semantics: sum the segment losses of a batch, one backward, one step."""
-    torch.manual_seed(0)
-    model = SequenceRegressor().double()
-    reference = twin(model)
-    loader = make_loader()
-    make_trainer(tmp_path, [TBPTTCallback(5, step_per="batch")]).fit(model, loader)
+    callback = TBPTTCallback(5, step_per="batch")
+    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: SequenceRegressor().double(), [callback])
 
     optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     for x, y in loader:
@@ -128,11 +124,7 @@ def test_step_per_batch_equals_summed_segment_losses_with_one_backward(tmp_path)
 
 def test_without_carrying_the_state_the_result_differs(tmp_path):
     """Guard: the reference comparison is sensitive to the carried state."""
-    torch.manual_seed(0)
-    model = SequenceRegressor().double()
-    reference = twin(model)
-    loader = make_loader()
-    make_trainer(tmp_path, [TBPTTCallback(5)]).fit(model, loader)
+    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: SequenceRegressor().double(), [TBPTTCallback(5)])
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert not parameters_equal(model, reference)
 

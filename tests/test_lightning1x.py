@@ -13,11 +13,9 @@ from tests.helpers import (
     LR,
     MOMENTUM,
     SequenceRegressor,
-    make_loader,
-    make_trainer,
+    fit_with_twin,
     parameters_equal,
     reference_tbptt,
-    twin,
 )
 
 
@@ -37,12 +35,9 @@ class HiddensModel(SequenceRegressor):
 
 
 def test_hiddens_module_with_truncated_bptt_steps_equals_reference(tmp_path):
-    torch.manual_seed(0)
-    model = HiddensModel().double()
-    reference = twin(model)
-    loader = make_loader()
-    trainer = make_trainer(tmp_path, [TBPTTCallback()], max_epochs=2)
-    trainer.fit(model, loader)
+    model, reference, loader, trainer = fit_with_twin(
+        tmp_path, lambda: HiddensModel().double(), [TBPTTCallback()], max_epochs=2
+    )
     reference_tbptt(reference, loader, segment_length=5, epochs=2)
     assert trainer.global_step == 30
     assert parameters_equal(model, reference)
@@ -71,12 +66,7 @@ class SplitHookModel(SequenceRegressor):
 
 
 def test_module_tbptt_split_batch_is_honoured(tmp_path):
-    torch.manual_seed(0)
-    model = SplitHookModel().double()
-    reference = twin(model)
-    loader = make_loader()
-    trainer = make_trainer(tmp_path, [TBPTTCallback(5)])
-    trainer.fit(model, loader)
+    model, reference, loader, trainer = fit_with_twin(tmp_path, lambda: SplitHookModel().double(), [TBPTTCallback(5)])
     assert model.split_sizes == [5, 5, 5]
     reference_tbptt(reference, loader, segment_length=10)
     assert trainer.global_step == 3 * 3
@@ -92,12 +82,7 @@ class UnevenSplit(TBPTTCallback):
 
 
 def test_overridden_split_batch_is_used(tmp_path):
-    torch.manual_seed(0)
-    model = SequenceRegressor().double()
-    reference = twin(model)
-    loader = make_loader()
-    trainer = make_trainer(tmp_path, [UnevenSplit(3)])
-    trainer.fit(model, loader)
+    model, reference, loader, trainer = fit_with_twin(tmp_path, lambda: SequenceRegressor().double(), [UnevenSplit(3)])
     assert trainer.global_step == 3 * 2
 
     optimizer = torch.optim.SGD(reference.parameters(), lr=LR, momentum=MOMENTUM)
@@ -132,12 +117,9 @@ class ManualModel(SequenceRegressor):
 
 
 def test_manual_optimization_module_runs_once_per_segment(tmp_path):
-    torch.manual_seed(0)
-    model = ManualModel().double()
-    reference = twin(model)
-    loader = make_loader()
-    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], max_epochs=2)
-    trainer.fit(model, loader)
+    model, reference, loader, trainer = fit_with_twin(
+        tmp_path, lambda: ManualModel().double(), [TBPTTCallback(5)], max_epochs=2
+    )
     assert model.calls == 30
     assert trainer.global_step == 30
     reference_tbptt(reference, loader, segment_length=5, epochs=2)

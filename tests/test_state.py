@@ -10,12 +10,12 @@ from lightning_tbptt import ModelError, TBPTTCallback
 from lightning_tbptt.state import StateCarrier, detach_state, find_recurrent_modules
 from tests.helpers import (
     SequenceRegressor,
+    fit_with_twin,
     make_loader,
     make_rnn,
     make_trainer,
     parameters_equal,
     reference_tbptt,
-    twin,
 )
 
 RNNS = {
@@ -222,11 +222,7 @@ class ExplicitZeroStateModel(SequenceRegressor):
 
 
 def test_model_passing_its_own_state_is_left_alone(tmp_path):
-    torch.manual_seed(0)
-    model = ExplicitZeroStateModel().double()
-    reference = twin(model)
-    loader = make_loader()
-    make_trainer(tmp_path, [TBPTTCallback(5)]).fit(model, loader)
+    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: ExplicitZeroStateModel().double(), [TBPTTCallback(5)])
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert parameters_equal(model, reference)
 
@@ -248,11 +244,8 @@ def test_validation_inside_fit_gets_no_carried_state(tmp_path):
 
 
 def test_excluded_module_starts_from_zeros_in_every_segment(tmp_path):
-    torch.manual_seed(0)
-    model = SequenceRegressor().double()
-    reference = twin(model)
-    loader = make_loader()
-    make_trainer(tmp_path, [TBPTTCallback(5, exclude_modules=["rnn"])]).fit(model, loader)
+    callback = TBPTTCallback(5, exclude_modules=["rnn"])
+    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: SequenceRegressor().double(), [callback])
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert parameters_equal(model, reference)
 
@@ -265,19 +258,13 @@ class CustomCellModel(SequenceRegressor):
 
 
 def test_custom_module_opted_in_by_name_carries_its_state_in_a_fit(tmp_path):
-    torch.manual_seed(0)
-    model = CustomCellModel().double()
-    reference = twin(model)
-    loader = make_loader()
-    make_trainer(tmp_path, [TBPTTCallback(5, recurrent_modules=["rnn"])]).fit(model, loader)
+    callback = TBPTTCallback(5, recurrent_modules=["rnn"])
+    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: CustomCellModel().double(), [callback])
     reference_tbptt(reference, loader, segment_length=5)
     assert parameters_equal(model, reference)
 
     # without opting in, no state is carried (and the callback warns about it)
-    torch.manual_seed(0)
-    model = CustomCellModel().double()
-    reference = twin(model)
     with pytest.warns(UserWarning, match="found no recurrent module in CustomCellModel"):
-        make_trainer(tmp_path, [TBPTTCallback(5)]).fit(model, loader)
+        model, reference, loader, _ = fit_with_twin(tmp_path, lambda: CustomCellModel().double(), [TBPTTCallback(5)])
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert parameters_equal(model, reference)
