@@ -159,8 +159,9 @@ class StateCarrier:
         self._pending: dict[str, Any] = {}
         self._active = False
         self._handles: list[RemovableHandle] = []
+        arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
         for name, module in modules.items():
-            argument = _state_argument(name, module)
+            argument = arguments[name]
             self._handles.append(
                 module.register_forward_pre_hook(partial(self._inject, name, argument), with_kwargs=True)
             )
@@ -216,7 +217,7 @@ class StateCarrier:
         if not isinstance(output, tuple) or len(output) != 2:
             raise ModelError(
                 f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"
-                f" got {type(output).__name__}. Return a pair from its forward, or pass"
-                f" `TBPTTCallback(exclude_modules=[{name!r}])`."
+                f" got {type(output).__name__}. Return a pair from its forward, or remove {name!r} from"
+                " `TBPTTCallback(recurrent_modules=...)`."
             )
         self._pending[name] = output[1]

@@ -131,9 +131,12 @@ def test_custom_module_with_nested_state():
     assert carrier.carried["cell"]["h"][0].grad_fn is None
 
 
-def test_custom_module_without_state_argument_is_rejected():
+def test_custom_module_without_state_argument_is_rejected_before_any_hook_is_added():
+    lstm = nn.LSTM(2, 2)
     with pytest.raises(ModelError, match=r"`proj` \(Linear\).*forward\(input, state=None\)"):
-        StateCarrier({"proj": nn.Linear(2, 2)})
+        StateCarrier({"lstm": lstm, "proj": nn.Linear(2, 2)})
+    assert not lstm._forward_hooks
+    assert not lstm._forward_pre_hooks
 
 
 def test_custom_module_that_does_not_return_a_pair_is_rejected():
@@ -143,7 +146,7 @@ def test_custom_module_that_does_not_return_a_pair_is_rejected():
 
     bad = Bad()
     carrier = StateCarrier({"bad": bad})
-    match = r"`bad` \(Bad\) to return `\(output, new_state\)` but got Tensor"
+    match = r"`bad` \(Bad\) to return `\(output, new_state\)` but got Tensor\. .* remove 'bad' from `TBPTTCallback"
     with pytest.raises(ModelError, match=match), carrier.segment():
         bad(torch.zeros(1))
 
@@ -245,7 +248,10 @@ def test_validation_inside_fit_gets_no_carried_state(tmp_path):
 
 def test_excluded_module_starts_from_zeros_in_every_segment(tmp_path):
     callback = TBPTTCallback(5, exclude_modules=["rnn"])
-    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: SequenceRegressor().double(), [callback])
+    with pytest.warns(
+        UserWarning, match=r"no recurrent module outside `exclude_modules=\['rnn'\]` in SequenceRegressor"
+    ):
+        model, reference, loader, _ = fit_with_twin(tmp_path, lambda: SequenceRegressor().double(), [callback])
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert parameters_equal(model, reference)
 
