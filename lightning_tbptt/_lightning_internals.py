@@ -9,12 +9,13 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
   ``run(optimizer, batch_idx, kwargs)``, ``_make_zero_grad_fn(batch_idx, optimizer)``, ``_skip_backward``,
   ``_on_before_zero_grad(optimizer)`` and ``_optimizer_zero_grad(batch_idx, optimizer)``;
 * ``_TrainingEpochLoop.manual_optimization`` — ``_ManualOptimization``, and its ``run(kwargs)``;
-* ``_TrainingEpochLoop._should_accumulate()`` and ``_num_ready_batches_reached()``.
+* ``_TrainingEpochLoop._should_accumulate()``.
 
 Calling the original ``run`` once per segment gives every segment Lightning's whole automatic-optimisation path
 (precision plugin, gradient clipping, ``optimizer_step`` and every backward/optimizer hook). Whether a segment zeroes
 the gradients and whether it steps are decided per segment by overriding the two per-batch decisions
-(``_make_zero_grad_fn`` and ``_should_accumulate``) while the segment runs.
+(``_make_zero_grad_fn`` and ``_should_accumulate``) while the segment runs; between segments Lightning's own per-batch
+answers stand.
 """
 
 from collections import OrderedDict
@@ -29,7 +30,7 @@ from lightning_tbptt.errors import ConfigurationError
 from lightning_tbptt.schedule import Decision
 
 _REQUIRED = {
-    "epoch_loop": ("automatic_optimization", "manual_optimization", "_should_accumulate", "_num_ready_batches_reached"),
+    "epoch_loop": ("automatic_optimization", "manual_optimization", "_should_accumulate"),
     "automatic_optimization": (
         "run",
         "_make_zero_grad_fn",
@@ -50,12 +51,14 @@ class BatchContext:
     batch_idx: int
     automatic: bool
     """Whether the module uses automatic optimization (``False``: the module steps its optimizers itself)."""
+    accumulate_grad_batches: int = 1
+    """The ``Trainer``'s current value (callbacks such as ``GradientAccumulationScheduler`` change it per epoch)."""
     batch_zeroes: bool = False
     """Lightning's per-batch rule: the gradients are zeroed for this batch."""
     batch_steps: bool = False
     """Lightning's per-batch rule: the optimizer steps after this batch."""
-    final_batch: bool = False
-    """This is the last batch of the epoch."""
+    skip_backward: bool = False
+    """Lightning runs no backward in this epoch (e.g. the BatchNorm update epoch of ``StochasticWeightAveraging``)."""
 
 
 RunSegment = Callable[["OrderedDict[str, Any]", Decision | None], dict[str, Any]]
@@ -70,14 +73,10 @@ class TrainingLoopPatch:
         run_batch: Called once per training batch with the batch context and a function that runs one segment
             through Lightning's own optimisation path (given the segment's ``training_step`` arguments and, in
             automatic optimization, the segment's :class:`~lightning_tbptt.schedule.Decision`).
-        gradients_pending: Answers, between batches, whether gradients are accumulated and wait for a step (``None``
-            to keep Lightning's own per-batch answer).
 
     """
 
-    def __init__(
-        self, trainer: "pl.Trainer", run_batch: RunBatch, gradients_pending: Callable[[], bool | None]
-    ) -> None:
+    def __init__(self, trainer: "pl.Trainer", run_batch: RunBatch) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
         objects = {
             "epoch_loop": epoch_loop,
@@ -97,7 +96,6 @@ class TrainingLoopPatch:
         self._automatic = epoch_loop.automatic_optimization
         self._manual = epoch_loop.manual_optimization
         self._run_batch = run_batch
-        self._gradients_pending = gradients_pending
         self._decision: Decision | None = None
         self._patches = (
             (self._automatic, "run", self._run_automatic),
@@ -128,14 +126,15 @@ class TrainingLoopPatch:
 
     def _run_automatic(self, optimizer: Optimizer, batch_idx: int, kwargs: "OrderedDict[str, Any]") -> dict[str, Any]:
         original_run = self._class_method(self._automatic, "run")
-        lightning_accumulates = self._class_method(self._epoch_loop, "_should_accumulate")()
+        accumulate = self._trainer.accumulate_grad_batches
         context = BatchContext(
             kwargs=kwargs,
             batch_idx=batch_idx,
             automatic=True,
-            batch_zeroes=batch_idx % self._trainer.accumulate_grad_batches == 0,
-            batch_steps=not lightning_accumulates,
-            final_batch=self._epoch_loop._num_ready_batches_reached(),
+            accumulate_grad_batches=accumulate,
+            batch_zeroes=batch_idx % accumulate == 0,
+            batch_steps=not self._class_method(self._epoch_loop, "_should_accumulate")(),
+            skip_backward=self._automatic._skip_backward,
         )
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None) -> dict[str, Any]:
@@ -172,12 +171,9 @@ class TrainingLoopPatch:
         return zero_grad_fn
 
     def _should_accumulate(self) -> bool:
-        if self._decision is not None:
-            return not self._decision.step
-        pending = self._gradients_pending()
-        if pending is None:
+        if self._decision is None:
             return self._class_method(self._epoch_loop, "_should_accumulate")()
-        return pending
+        return not self._decision.step
 
 
 def patched_loop_attributes(trainer: "pl.Trainer") -> list[str]:

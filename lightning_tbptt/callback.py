@@ -28,12 +28,12 @@ def _check_positive_int(value: Any, argument: str, example: str) -> int:
 
 
 def _check_names(value: Any, argument: str) -> tuple[str, ...]:
-    if isinstance(value, str) or not all(isinstance(name, str) for name in value):
-        raise ConfigurationError(
-            f"Expected argument `{argument}` to be a list of submodule names but got {value!r}. Pass e.g."
-            f" `{argument}=['encoder.cell']`."
-        )
-    return tuple(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    raise ConfigurationError(
+        f"Expected argument `{argument}` to be a list of submodule names but got {value!r}. Pass e.g."
+        f" `{argument}=['encoder.cell']`."
+    )
 
 
 class TBPTTCallback(Callback):
@@ -135,8 +135,11 @@ class TBPTTCallback(Callback):
 
     @override
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        # The loop is patched here rather than in `on_fit_start`: tuner callbacks (`LearningRateFinder`,
+        # `BatchSizeFinder`) run their trial fits in their own `on_fit_start`, which Lightning calls before ours.
         if stage != "fit":
             return
+        self._teardown()
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
         count = sum(isinstance(callback, TBPTTCallback) for callback in callbacks)
         if count > 1:
@@ -144,10 +147,6 @@ class TBPTTCallback(Callback):
                 f"Expected one `TBPTTCallback` in `Trainer(callbacks=...)` but got {count}. Keep a single instance"
                 " with the segment length and options you want."
             )
-
-    @override
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._teardown()
         self._fit_segment_length = self._resolve_segment_length(pl_module)
         self._check_module(pl_module)
         if self.step_per == "batch" and trainer.strategy.handles_gradient_accumulation:
@@ -156,18 +155,14 @@ class TBPTTCallback(Callback):
                 " it accumulates gradients itself and steps after every segment. Use `step_per='segment'` or"
                 " another strategy."
             )
-        modules = find_recurrent_modules(pl_module, self.recurrent_modules, self.exclude_modules)
-        if not modules and not self._takes_hiddens and not self.exclude_modules:
-            rank_zero_warn(
-                f"`TBPTTCallback` found no recurrent module in {type(pl_module).__name__}, so no state is carried"
-                " between segments. Name custom recurrent modules in `TBPTTCallback(recurrent_modules=[...])`."
-            )
-        self._schedule = OptimizationSchedule(self.step_per, trainer.accumulate_grad_batches)
+        self._schedule = OptimizationSchedule()
         self._trainer = trainer
-        patch = TrainingLoopPatch(trainer, self._run_batch, self._schedule_pending)
-        self._carrier = StateCarrier(modules)
-        self._patch = patch
-        patch.install()
+        self._patch = TrainingLoopPatch(trainer, self._run_batch)
+        self._patch.install()
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._ensure_carrier()
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -248,12 +243,24 @@ class TBPTTCallback(Callback):
             )
         return segments
 
-    def _schedule_pending(self) -> bool | None:
-        return None if self._schedule is None else self._schedule.gradients_pending
+    def _ensure_carrier(self) -> StateCarrier:
+        """Hook the recurrent modules once they all exist (after `configure_model`), at fit start or first batch."""
+        if self._carrier is None:
+            assert self._trainer is not None
+            pl_module = self._trainer.lightning_module
+            modules = find_recurrent_modules(pl_module, self.recurrent_modules, self.exclude_modules)
+            if not modules and not self._takes_hiddens:
+                excluded = f" outside `exclude_modules={list(self.exclude_modules)}`" if self.exclude_modules else ""
+                rank_zero_warn(
+                    f"`TBPTTCallback` found no recurrent module{excluded} in {type(pl_module).__name__}, so no state"
+                    " is carried between segments. Name custom recurrent modules in"
+                    " `TBPTTCallback(recurrent_modules=[...])`."
+                )
+            self._carrier = StateCarrier(modules)
+        return self._carrier
 
     def _run_batch(self, context: BatchContext, run_segment: RunSegment) -> dict[str, Any]:
         assert self._trainer is not None
-        assert self._carrier is not None
         assert self._schedule is not None
         if "batch" not in context.kwargs:
             raise ModelError(
@@ -262,8 +269,9 @@ class TBPTTCallback(Callback):
             )
         trainer = self._trainer
         segments = self._segments(context.kwargs["batch"])
-        carrier = self._carrier
+        carrier = self._ensure_carrier()
         carrier.reset()
+        step_per: StepPer = "batch" if context.skip_backward else self.step_per
         hiddens = None
         output: dict[str, Any] = {}
         for index, segment in enumerate(segments):
@@ -274,11 +282,12 @@ class TBPTTCallback(Callback):
             decision = None
             if context.automatic:
                 decision = self._schedule.decide(
+                    step_per,
                     index,
                     len(segments),
+                    accumulate_grad_batches=context.accumulate_grad_batches,
                     batch_zeroes=context.batch_zeroes,
                     batch_steps=context.batch_steps,
-                    final_batch=context.final_batch,
                 )
             with carrier.segment():
                 output = run_segment(kwargs, decision)
@@ -289,13 +298,11 @@ class TBPTTCallback(Callback):
         return output
 
     def _returned_hiddens(self, output: dict[str, Any], index: int) -> Any:
-        if not output:
-            return None
         if "hiddens" not in output:
             raise ModelError(
                 f"Expected `training_step(batch, batch_idx, hiddens)` to return a dict with the key 'hiddens' but"
-                f" segment {index} returned the keys {sorted(output)}. Return"
-                " `{'loss': loss, 'hiddens': new_hiddens}`."
+                f" segment {index} returned {f'the keys {sorted(output)}' if output else 'nothing'}, so the state"
+                " of the next segment is unknown. Return `{'loss': loss, 'hiddens': new_hiddens}`."
             )
         output["hiddens"] = detach_state(output["hiddens"])
         return output["hiddens"]

@@ -110,20 +110,22 @@ def reference_tbptt(
     segment_length: int,
     epochs: int = 1,
     step_per: str = "segment",
-    accumulate: int = 1,
+    accumulate: int | list[int] = 1,
     clip: float | None = None,
     time_dim: int = 1,
     carry: bool = True,
 ) -> dict[str, Any]:
     """The oracle: a plain, hand-written PyTorch TBPTT loop.
 
-    ``step_per="segment"``: one step every ``accumulate`` segments (counted through the epoch) and at the end of the
-    epoch. ``step_per="batch"``: one step every ``accumulate`` batches and at the end of the epoch. Every loss is
-    divided by ``accumulate``. Returns counts and the largest gradient norm seen before clipping.
+    ``step_per="segment"``: one step every ``accumulate`` segments (counted through the epoch), and at the end of
+    every batch after which Lightning steps (every ``accumulate`` batches and at the end of the epoch).
+    ``step_per="batch"``: one step at the end of every batch after which Lightning steps. Every loss is divided by
+    ``accumulate``, which may also be given per epoch. Returns counts and the largest gradient norm before clipping.
     """
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     steps, largest_norm = 0, 0.0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        n = accumulate[epoch] if isinstance(accumulate, list) else accumulate
         batches = list(loader)
         segments_since_step = 0
         for b, (x, y) in enumerate(batches):
@@ -134,15 +136,16 @@ def reference_tbptt(
                 size = min(segment_length, length - start)
                 x_seg, y_seg = x.narrow(time_dim, start, size), y.narrow(time_dim, start, size)
                 out, new_state = model.rnn(x_seg, state if carry else None)
-                loss = F.mse_loss(model.head(out), y_seg) / accumulate
+                loss = F.mse_loss(model.head(out), y_seg) / n
                 loss.backward()
                 state = detach_state(new_state)
-                last_segment, last_batch = s == len(starts) - 1, b == len(batches) - 1
+                last_segment = s == len(starts) - 1
+                lightning_steps = (b + 1) % n == 0 or b == len(batches) - 1
                 if step_per == "segment":
                     segments_since_step += 1
-                    step = segments_since_step == accumulate or (last_segment and last_batch)
+                    step = segments_since_step == n or (last_segment and lightning_steps)
                 else:
-                    step = last_segment and ((b + 1) % accumulate == 0 or last_batch)
+                    step = last_segment and lightning_steps
                 if step:
                     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip else float("inf"))
                     largest_norm = max(largest_norm, norm.item())

@@ -5,13 +5,19 @@ from typing import Any
 
 import pytest
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import (
+    Callback,
+    GradientAccumulationScheduler,
+    LearningRateFinder,
+    StochasticWeightAveraging,
+)
 from pytorch_lightning.loggers.logger import Logger
 from torch.utils.data import DataLoader
 
 from lightning_tbptt import TBPTTCallback
 from tests.helpers import (
     SequenceRegressor,
+    fit_with_twin,
     make_data,
     make_loader,
     make_trainer,
@@ -109,14 +115,15 @@ class CallbackCounter(Callback):
         self.calls["on_train_batch_end"] += 1
 
 
-# (step_per, accumulate, segment_length) -> optimizer steps, batches after which the optimizer had stepped
+# (step_per, accumulate, segment_length) -> optimizer steps, batches after which Lightning steps (its per-batch rule)
 CASES = {
     ("segment", 1, 5): (15, 3),
     ("batch", 1, 5): (3, 3),
-    # segments 2, 4 | 6, 8, 10 | 12, 14 and 15 (end of epoch) step; batches 2 and 3 end on a step
+    # segments 2, 4 | 6, 8, 10 | 12, 14, 15 step (15: the end of a batch after which Lightning steps)
     ("segment", 2, 5): (8, 2),
-    # two segments per batch: every batch ends on a step (Lightning's per-batch rule alone would say batches 2, 3)
-    ("segment", 2, 12): (3, 3),
+    # two segments per batch: the optimizer steps in every batch, schedulers and the logger follow Lightning's rule
+    # (batches 2 and 3), which is what `trainer.estimated_stepping_batches` counts
+    ("segment", 2, 12): (3, 2),
     # batches 2 and 3 (end of epoch)
     ("batch", 2, 5): (2, 2),
 }
@@ -154,7 +161,8 @@ def test_hook_and_step_counts(tmp_path, step_per, accumulate, segment_length):
     }
     assert counter.calls == {"on_before_backward": segments, "on_before_optimizer_step": steps, "on_train_batch_end": 3}
     assert trainer.global_step == steps
-    # step-interval schedulers and the logger's step advance once per batch after which the optimizer had stepped
+    # step-interval schedulers and the logger's step advance once per batch after which Lightning steps
+    assert trainer.estimated_stepping_batches == stepping_batches
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == stepping_batches
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**stepping_batches)
@@ -191,7 +199,7 @@ def test_max_steps_stops_after_exactly_that_many_optimizer_steps(
 
 
 def test_validation_between_batches_does_not_clear_accumulated_gradients(tmp_path):
-    """Segment-level accumulation pending at the end of a batch survives Lightning's zeroing before validation."""
+    """With segments accumulated across batches, nothing is pending when Lightning zeroes before validation."""
 
     class WithValidation(SequenceRegressor):
         def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -199,7 +207,8 @@ def test_validation_between_batches_does_not_clear_accumulated_gradients(tmp_pat
             self.log("val_loss", torch.nn.functional.mse_loss(self(x), y))
 
     # batches of 10, 15, 10 and 15 steps: 2, 3, 2, 3 segments of 5. With accumulate_grad_batches=2, batch 2 ends
-    # with segment 5 pending while Lightning's per-batch rule (2 % 2 == 0) would step and zero before validation
+    # with segment 5 alone in its group, and Lightning (2 % 2 == 0) zeroes the gradients before validation: the
+    # schedule must have stepped on it
     batches = [make_data(num_sequences=4, length=n, seed=i) for i, n in enumerate([10, 15, 10, 15])]
     torch.manual_seed(0)
     model = WithValidation().double()
@@ -214,5 +223,61 @@ def test_validation_between_batches_does_not_clear_accumulated_gradients(tmp_pat
     )
     trainer.fit(model, DataLoader(batches, batch_size=None), DataLoader(batches[:1], batch_size=None))
     counts = reference_tbptt(reference, batches, segment_length=5, accumulate=2)
-    assert trainer.global_step == counts["steps"] == 5
+    assert trainer.global_step == counts["steps"] == 6  # segments 2, 4, 5 | 7 | 9, 10
     assert parameters_equal(model, reference)
+
+
+@pytest.mark.parametrize("step_per", ["segment", "batch"])
+def test_accumulation_changed_by_a_gradient_accumulation_scheduler(tmp_path, step_per):
+    scheduler = GradientAccumulationScheduler({0: 1, 1: 3})
+    model, reference, loader, trainer = fit_with_twin(
+        tmp_path, lambda: SequenceRegressor().double(), [TBPTTCallback(5, step_per=step_per), scheduler], max_epochs=2
+    )
+    counts = reference_tbptt(reference, loader, segment_length=5, epochs=2, step_per=step_per, accumulate=[1, 3])
+    assert trainer.global_step == counts["steps"] == {"segment": 15 + 5, "batch": 3 + 1}[step_per]
+    assert parameters_equal(model, reference)
+
+
+class UnusedBatchNorm(SequenceRegressor):
+    """A BatchNorm makes StochasticWeightAveraging add an epoch that only updates its statistics (no backward)."""
+
+    def __init__(self) -> None:
+        super().__init__(log=False)
+        self.bn = torch.nn.BatchNorm1d(6)
+        self.steps_per_epoch: list[int] = []
+
+    def on_train_epoch_start(self) -> None:
+        self.first_step = self.trainer.global_step
+
+    def on_train_epoch_end(self) -> None:
+        self.steps_per_epoch.append(self.trainer.global_step - self.first_step)
+
+
+@pytest.mark.parametrize("step_per", ["segment", "batch"])
+def test_epoch_without_backward_steps_like_lightning(tmp_path, step_per):
+    """In StochasticWeightAveraging's BatchNorm epoch Lightning runs no backward and steps once, at the end."""
+    model = UnusedBatchNorm().double()
+    swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+    make_trainer(tmp_path, [TBPTTCallback(5, step_per=step_per), swa], max_epochs=2).fit(model, make_loader())
+    per_batch = {"segment": 15, "batch": 3}[step_per]
+    assert model.steps_per_epoch == [per_batch, per_batch, 1]
+
+
+class RecordsSegmentLengths(SequenceRegressor):
+    def __init__(self) -> None:
+        super().__init__(log=False)
+        self.lr = 0.1
+        self.seen: list[int] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append(batch[0].shape[1])
+        return super().training_step(batch, batch_idx)
+
+
+def test_learning_rate_finder_trains_on_segments_too(tmp_path):
+    """Tuner callbacks run their trial fit before any other callback's `on_fit_start`."""
+    model = RecordsSegmentLengths().double()
+    finder = LearningRateFinder(num_training_steps=4, early_stop_threshold=None)
+    make_trainer(tmp_path, [TBPTTCallback(5), finder]).fit(model, make_loader())
+    assert model.seen[:4] == [5, 5, 5, 5], "the finder's trial steps"
+    assert model.seen[4:] == [5, 5, 5, 5, 3] * 3

@@ -26,8 +26,9 @@ from tests.helpers import SequenceRegressor, make_loader, make_trainer, paramete
         ({"segment_length": 8, "step_per": "epoch"}, r"`step_per` to be one of \('segment', 'batch'\) but got 'epoch'"),
         ({"segment_length": 8, "recurrent_modules": "cell"}, r"`recurrent_modules` to be a list .* but got 'cell'"),
         ({"segment_length": 8, "exclude_modules": [1]}, r"`exclude_modules` to be a list .* but got \[1\]"),
+        ({"segment_length": 8, "recurrent_modules": None}, r"`recurrent_modules` to be a list .* but got None"),
     ],
-    ids=["zero", "negative", "float", "bool", "time_dim", "step_per", "recurrent_modules", "exclude_modules"],
+    ids=["zero", "negative", "float", "bool", "time_dim", "step_per", "recurrent_modules", "exclude_modules", "None"],
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
@@ -233,6 +234,22 @@ def test_hiddens_not_returned(tmp_path):
         make_loader(dtype=torch.float32),
         ModelError,
         r"return a dict with the key 'hiddens' but segment 0 returned the keys \['loss'\]",
+    )
+
+
+class SkipsWithHiddens(SequenceRegressor):
+    def training_step(self, batch: Any, batch_idx: int, hiddens: Any) -> Any:  # type: ignore[override]
+        return None
+
+
+def test_hiddens_module_that_skips_a_step(tmp_path):
+    fit_raises(
+        tmp_path,
+        SkipsWithHiddens(),
+        TBPTTCallback(5),
+        make_loader(dtype=torch.float32),
+        ModelError,
+        r"key 'hiddens' but segment 0 returned nothing, so the state of the next segment is unknown",
     )
 
 
