@@ -22,8 +22,15 @@ class ConfigurationError(TBPTTError, ValueError):
 
 
 class BatchError(TBPTTError, ValueError):
-    """A training batch cannot be cut into segments along time."""
+    """Data does not have the structure it needs.
+
+    A batch that cannot be cut along time, invalid lengths, or per-step tensors that do not match their mask.
+    """
 
 
 class ModelError(TBPTTError, TypeError):
     """The ``LightningModule`` (or one of its submodules) cannot be trained segment by segment as it is."""
+
+
+class NoSegmentError(TBPTTError, RuntimeError):
+    """Something that needs the running segment (its mask) was used while no segment runs."""

@@ -1,0 +1,106 @@
+"""Finding, validating and replacing per-sequence lengths in a batch."""
+
+import dataclasses
+from collections import OrderedDict, namedtuple
+
+import pytest
+import torch
+
+from lightning_tbptt import BatchError, ConfigurationError
+from lightning_tbptt.lengths import LengthsLocation, check_lengths, segment_lengths
+
+Batch = namedtuple("Batch", ["x", "lengths"])
+
+
+@dataclasses.dataclass
+class Record:
+    x: torch.Tensor
+    lengths: torch.Tensor
+
+
+LENGTHS = torch.tensor([3, 1])
+X = torch.zeros(2, 3)
+
+
+@pytest.mark.parametrize(
+    ("spec", "batch", "read_back"),
+    [
+        ("lengths", {"x": X, "lengths": LENGTHS}, lambda b: b["lengths"]),
+        ("lengths", OrderedDict(x=X, lengths=LENGTHS), lambda b: b["lengths"]),
+        ("lengths", Batch(X, LENGTHS), lambda b: b.lengths),
+        ("lengths", Record(X, LENGTHS), lambda b: b.lengths),
+        (1, (X, LENGTHS), lambda b: b[1]),
+        (-1, [X, LENGTHS], lambda b: b[-1]),
+        (1, Batch(X, LENGTHS), lambda b: b.lengths),
+        (("meta", 0), {"x": X, "meta": (LENGTHS, "id")}, lambda b: b["meta"][0]),
+    ],
+    ids=["dict", "ordered-dict", "namedtuple", "dataclass", "tuple", "list-negative", "namedtuple-index", "path"],
+)
+def test_get_and_replace_keep_the_container_types(spec, batch, read_back):
+    where = LengthsLocation(spec)
+    assert where.get(batch) is LENGTHS
+    new = torch.tensor([1, 0])
+    replaced = where.replace(batch, new)
+    assert type(replaced) is type(batch)
+    assert read_back(replaced) is new
+    assert read_back(batch) is LENGTHS, "the original batch is not modified"
+
+
+def test_callable_lengths_are_read_only():
+    batch = {"x": X, "n": LENGTHS}
+    where = LengthsLocation(lambda b: b["n"])
+    assert where.get(batch) is LENGTHS
+    assert not where.writable
+    assert where.replace(batch, None) is batch
+
+
+@pytest.mark.parametrize("spec", [None, True, 2.0, (), ("a", 1.5), []], ids=repr)
+def test_invalid_specs(spec):
+    with pytest.raises(ConfigurationError, match=r"`lengths` to be a key, an index, a tuple of keys and indices"):
+        LengthsLocation(spec)
+
+
+@pytest.mark.parametrize(
+    ("spec", "batch", "match"),
+    [
+        ("n", {"x": X}, r"at batch\['n'\] .* the dict has no key 'n' \(its keys: \['x'\]\)"),
+        (3, (X, LENGTHS), r"at batch\[3\] .* the tuple has only 2 elements"),
+        ("n", Batch(X, LENGTHS), r"the Batch has no field 'n'"),
+        (("x", 0), {"x": 5}, r"found a int where 0 was to be looked up"),
+        (0, (X.tolist(),), r"lengths at batch\[0\] to be a tensor but got list"),
+    ],
+    ids=["missing-key", "index", "field", "not-a-container", "not-a-tensor"],
+)
+def test_lengths_not_found(spec, batch, match):
+    with pytest.raises(BatchError, match=match):
+        LengthsLocation(spec).get(batch)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "match"),
+    [
+        (torch.tensor([[3], [1]]), r"1-D tensor of size 2 \(the batch size\) but got shape \(2, 1\)"),
+        (torch.tensor([3, 1, 2]), r"1-D tensor of size 2 \(the batch size\) but got shape \(3,\)"),
+        (torch.tensor([3.0, 1.0]), r"integer tensor but got dtype torch.float32"),
+        (torch.tensor([True, False]), r"integer tensor but got dtype torch.bool"),
+        (torch.tensor([3, -1]), r"between 0 and the padded length 3 but got values from -1 to 3"),
+        (torch.tensor([4, 1]), r"between 0 and the padded length 3 but got values from 1 to 4"),
+    ],
+    ids=["2-D", "wrong-size", "float", "bool", "negative", "too-long"],
+)
+def test_invalid_lengths(lengths, match):
+    with pytest.raises(BatchError, match=match):
+        check_lengths(lengths, where="batch[2]", batch_size=2, padded_length=3)
+
+
+def test_valid_lengths_come_back_on_the_cpu():
+    checked = check_lengths(torch.tensor([3, 0], dtype=torch.int32), where="b", batch_size=2, padded_length=3)
+    assert checked.tolist() == [3, 0]
+    assert checked.device.type == "cpu"
+
+
+def test_segment_lengths_are_clamped_to_the_segment():
+    lengths = torch.tensor([10, 7, 3, 0])
+    assert segment_lengths(lengths, start=0, size=4).tolist() == [4, 4, 3, 0]
+    assert segment_lengths(lengths, start=4, size=4).tolist() == [4, 3, 0, 0]
+    assert segment_lengths(lengths, start=8, size=2).tolist() == [2, 0, 0, 0]
