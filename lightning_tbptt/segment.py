@@ -1,0 +1,128 @@
+"""The segment being run, and which of its time steps count.
+
+While ``TBPTTCallback`` runs a segment (its ``training_step``, backward, optimizer step and every hook or metric called
+from them), :func:`current_segment` returns a :class:`Segment` describing it. :attr:`Segment.mask` is the single source
+of truth for which time steps count: the masked loss helper, :class:`~lightning_tbptt.MaskedMetric` and the weighting
+of logged values all read it.
+
+Example:
+    >>> import torch
+    >>> segment = Segment(index=1, count=3, start=4, length=4, time_dim=1, lengths=torch.tensor([4, 1, 0]))
+    >>> segment.mask
+    tensor([[ True,  True,  True,  True],
+            [ True, False, False, False],
+            [False, False, False, False]])
+    >>> segment.num_valid
+    5
+    >>> current_segment()
+    Traceback (most recent call last):
+      ...
+    lightning_tbptt.errors.NoSegmentError: Expected `current_segment()` to be called while `TBPTTCallback` runs a segment (in `training_step` or a hook or metric it calls) but no segment is running. Outside a segment, pass the mask explicitly (`mask=...`).
+
+"""  # noqa: E501
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+from torch import Tensor
+
+from lightning_tbptt.errors import ConfigurationError, NoSegmentError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One segment of a batch, as handed to ``training_step``."""
+
+    index: int
+    """Position of the segment among the segments run for its batch (0-based)."""
+    count: int
+    """Number of segments run for the batch (segments in which every sequence has ended are not run)."""
+    start: int | None
+    """First time step of the segment within the batch; ``None`` when a custom ``split_batch`` cut the batch."""
+    length: int
+    """Number of time steps of the segment."""
+    time_dim: int
+    """The time dimension of the segment's sequence tensors."""
+    lengths: Tensor | None = None
+    """Valid time steps of each row in this segment, ``clamp(length - start, 0, segment_length)``, shape ``(B,)``, on
+    the batch's device; ``None`` when the batch has no lengths (every step is valid)."""
+    rows: Tensor | None = None
+    """Indices (on the CPU) of this segment's rows within the batch, when finished rows are dropped; else ``None``."""
+    batch_size: int = 0
+    """Number of rows of the segment; taken from ``lengths`` when it is given."""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    """Device of the segment's tensors (where :attr:`mask` is created)."""
+    num_valid: int = -1
+    """Number of valid time steps, the number of ``True`` in :attr:`mask` (derived when not given)."""
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None:
+            object.__setattr__(self, "batch_size", self.lengths.shape[0])
+            object.__setattr__(self, "device", self.lengths.device)
+        if self.num_valid < 0:
+            valid = self.batch_size * self.length if self.lengths is None else int(self.lengths.sum())
+            object.__setattr__(self, "num_valid", valid)
+
+    @property
+    def stop(self) -> int | None:
+        """One past the last time step of the segment within the batch (``None`` when ``start`` is)."""
+        return None if self.start is None else self.start + self.length
+
+    @cached_property
+    def mask(self) -> Tensor:
+        """Boolean validity mask of shape ``(B, T_seg)``: ``True`` on the time steps that count."""
+        if self.lengths is None:
+            return torch.ones(self.batch_size, self.length, dtype=torch.bool, device=self.device)
+        steps = torch.arange(self.length, device=self.lengths.device)
+        return steps.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    @property
+    def sequence_mask(self) -> Tensor:
+        """:attr:`mask` laid out like the segment's sequence tensors: ``(B, T)`` if ``time_dim`` is 1, ``(T, B)`` if 0.
+
+        Raises:
+            ConfigurationError: For other time dimensions, where a per-step tensor's layout cannot be guessed.
+
+        """
+        if self.time_dim == 1:
+            return self.mask
+        if self.time_dim == 0:
+            return self.mask.t()
+        raise ConfigurationError(
+            f"Expected `time_dim` to be 0 or 1 to lay the mask out like the sequence tensors but got {self.time_dim}."
+            " Pass the mask explicitly (`mask=...`), arranged like your per-step tensors."
+        )
+
+
+_CURRENT: ContextVar[Segment | None] = ContextVar("lightning_tbptt_current_segment", default=None)
+
+
+def current_segment() -> Segment:
+    """Return the segment that ``TBPTTCallback`` is running.
+
+    Raises:
+        NoSegmentError: When no segment is running (outside ``training_step`` of a fit with ``TBPTTCallback``).
+
+    """
+    segment = _CURRENT.get()
+    if segment is None:
+        raise NoSegmentError(
+            "Expected `current_segment()` to be called while `TBPTTCallback` runs a segment (in `training_step` or a"
+            " hook or metric it calls) but no segment is running. Outside a segment, pass the mask explicitly"
+            " (`mask=...`)."
+        )
+    return segment
+
+
+@contextmanager
+def running(segment: Segment) -> Iterator[Segment]:
+    """Make ``segment`` the one :func:`current_segment` returns, for the duration of the block."""
+    token = _CURRENT.set(segment)
+    try:
+        yield segment
+    finally:
+        _CURRENT.reset(token)
