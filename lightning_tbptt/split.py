@@ -106,18 +106,42 @@ def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
     return [(start, min(start + segment_length, length)) for start in range(0, length, segment_length)]
 
 
-def slice_batch(batch: Any, start: int, stop: int, time_dim: int = 1) -> Any:
-    """Return the view of ``batch`` restricted to time steps ``start:stop`` of every sequence tensor.
+def batch_dim(time_dim: int) -> int:
+    """The dimension of sequence tensors that indexes the sequences: 0, or 1 when time comes first."""
+    return 1 if time_dim == 0 else 0
 
-    Tensors with ``time_dim`` or fewer dimensions and non-tensor values are returned unchanged.
+
+def slice_batch(batch: Any, start: int, stop: int, time_dim: int = 1, rows: Tensor | None = None) -> Any:
+    """Return ``batch`` restricted to time steps ``start:stop`` of every sequence tensor (views, no copies).
+
+    Tensors with ``time_dim`` or fewer dimensions and non-tensor values are returned unchanged, except with ``rows``:
+    then only those rows (indices of sequences) are kept, from every sequence tensor (along :func:`batch_dim`) and from
+    every other tensor whose first dimension has the batch's size (a per-sequence tensor such as labels). Selecting
+    rows copies.
 
     """
     size = stop - start
+    if rows is None:
 
-    def narrow(tensor: Tensor) -> Tensor:
-        return tensor.narrow(time_dim, start, size) if tensor.dim() > time_dim else tensor
+        def narrow(tensor: Tensor) -> Tensor:
+            return tensor.narrow(time_dim, start, size) if tensor.dim() > time_dim else tensor
 
-    return apply_to_collection(batch, Tensor, narrow)
+        return apply_to_collection(batch, Tensor, narrow)
+
+    sequences = [t for t in _tensors(batch) if t.dim() > time_dim]
+    num_rows = sequences[0].shape[batch_dim(time_dim)]
+    on_device: dict[Any, Tensor] = {}
+
+    def select(tensor: Tensor) -> Tensor:
+        if tensor.device not in on_device:
+            on_device[tensor.device] = rows.to(tensor.device, non_blocking=True)
+        if tensor.dim() > time_dim:
+            return tensor.narrow(time_dim, start, size).index_select(batch_dim(time_dim), on_device[tensor.device])
+        if tensor.dim() >= 1 and tensor.shape[0] == num_rows:
+            return tensor.index_select(0, on_device[tensor.device])
+        return tensor
+
+    return apply_to_collection(batch, Tensor, select)
 
 
 def split_batch(batch: Any, segment_length: int, time_dim: int = 1) -> list[Any]:

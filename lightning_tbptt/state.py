@@ -160,6 +160,7 @@ class StateCarrier:
         self._active = False
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
+        self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else 0 for name, module in modules.items()}
         for name, module in modules.items():
             argument = arguments[name]
             self._handles.append(
@@ -184,6 +185,29 @@ class StateCarrier:
             self._active = False
         self.carried.update({name: detach_state(state) for name, state in self._pending.items()})
         self._pending.clear()
+
+    def select_rows(self, keep: Tensor, rows: int) -> None:
+        """Keep only the rows ``keep`` (positions among the current ``rows`` rows) of every carried state.
+
+        The batch dimension is 1 for the state of ``torch.nn`` RNNs (``(layers, B, H)``) and 0 for custom modules.
+
+        Raises:
+            ModelError: If a state tensor of a custom module does not have the current rows as its first dimension.
+
+        """
+        for name, state in self.carried.items():
+            dim = self._batch_dims[name]
+
+            def select(tensor: Tensor, name: str = name, dim: int = dim) -> Tensor:
+                if tensor.dim() <= dim or tensor.shape[dim] != rows:
+                    raise ModelError(
+                        f"Cannot drop finished rows from the state of `{name}`: expected its state tensors to have the"
+                        f" {rows} sequences along dimension {dim} but got shape {tuple(tensor.shape)}. Use"
+                        " `TBPTTCallback(drop_finished=False)` for this model."
+                    )
+                return tensor.index_select(dim, keep.to(tensor.device, non_blocking=True))
+
+            self.carried[name] = apply_to_collection(state, Tensor, select)
 
     def reset(self) -> None:
         """Forget every carried state: the next segment starts from the modules' default (zero) state."""
