@@ -1,8 +1,23 @@
 """Truncated backpropagation through time for PyTorch Lightning, by adding one callback to the ``Trainer``."""
 
 from lightning_tbptt.callback import TBPTTCallback
-from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError, TBPTTError
+from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError, NoSegmentError, TBPTTError
+from lightning_tbptt.loss import masked_mean
+from lightning_tbptt.metric import MaskedMetric
+from lightning_tbptt.segment import Segment, current_segment
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["BatchError", "ConfigurationError", "ModelError", "TBPTTCallback", "TBPTTError", "__version__"]
+__all__ = [
+    "BatchError",
+    "ConfigurationError",
+    "MaskedMetric",
+    "ModelError",
+    "NoSegmentError",
+    "Segment",
+    "TBPTTCallback",
+    "TBPTTError",
+    "__version__",
+    "current_segment",
+    "masked_mean",
+]

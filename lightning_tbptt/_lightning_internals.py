@@ -9,7 +9,9 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
   ``run(optimizer, batch_idx, kwargs)``, ``_make_zero_grad_fn(batch_idx, optimizer)``, ``_skip_backward``,
   ``_on_before_zero_grad(optimizer)`` and ``_optimizer_zero_grad(batch_idx, optimizer)``;
 * ``_TrainingEpochLoop.manual_optimization`` — ``_ManualOptimization``, and its ``run(kwargs)``;
-* ``_TrainingEpochLoop._should_accumulate()``.
+* ``_TrainingEpochLoop._should_accumulate()``;
+* ``Trainer._results.batch_size`` — the batch size by which ``self.log(..., on_epoch=True)`` weights a value; set per
+  segment to its number of valid time steps, and back to ``None`` (Lightning infers it from the batch) afterwards.
 
 Calling the original ``run`` once per segment gives every segment Lightning's whole automatic-optimisation path
 (precision plugin, gradient clipping, ``optimizer_step`` and every backward/optimizer hook). Whether a segment zeroes
@@ -61,7 +63,9 @@ class BatchContext:
     """Lightning runs no backward in this epoch (e.g. the BatchNorm update epoch of ``StochasticWeightAveraging``)."""
 
 
-RunSegment = Callable[["OrderedDict[str, Any]", Decision | None], dict[str, Any]]
+RunSegment = Callable[["OrderedDict[str, Any]", Decision | None, int], dict[str, Any]]
+"""Runs one segment: its ``training_step`` arguments, its decision (``None`` in manual optimization) and the weight
+of the values it logs (its number of valid time steps)."""
 RunBatch = Callable[[BatchContext, RunSegment], dict[str, Any]]
 
 
@@ -137,12 +141,14 @@ class TrainingLoopPatch:
             skip_backward=self._automatic._skip_backward,
         )
 
-        def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None) -> dict[str, Any]:
+        def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
             self._decision = decision
+            self._set_log_weight(weight)
             try:
                 return original_run(optimizer, batch_idx, segment_kwargs)
             finally:
                 self._decision = None
+                self._set_log_weight(None)
 
         return self._run_batch(context, run_segment)
 
@@ -151,10 +157,19 @@ class TrainingLoopPatch:
         batch_idx = kwargs.get("batch_idx", -1)
         context = BatchContext(kwargs=kwargs, batch_idx=batch_idx, automatic=False)
 
-        def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None) -> dict[str, Any]:
-            return original_run(segment_kwargs)
+        def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
+            self._set_log_weight(weight)
+            try:
+                return original_run(segment_kwargs)
+            finally:
+                self._set_log_weight(None)
 
         return self._run_batch(context, run_segment)
+
+    def _set_log_weight(self, weight: int | None) -> None:
+        results = self._trainer._results
+        if results is not None:
+            results.batch_size = weight
 
     def _make_zero_grad_fn(self, batch_idx: int, optimizer: Optimizer) -> Callable[[], None] | None:
         decision = self._decision

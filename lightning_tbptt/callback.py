@@ -13,7 +13,10 @@ from typing_extensions import override
 
 from lightning_tbptt._lightning_internals import BatchContext, RunSegment, TrainingLoopPatch
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
+from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
+from lightning_tbptt.plan import SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.schedule import STEP_PER_CHOICES, OptimizationSchedule, StepPer
+from lightning_tbptt.segment import running
 from lightning_tbptt.split import split_batch
 from lightning_tbptt.state import StateCarrier, detach_state, find_recurrent_modules
 
@@ -57,6 +60,14 @@ class TBPTTCallback(Callback):
         recurrent_modules: Names (as in ``model.named_modules()``) of custom recurrent modules whose state is
             carried too; they must follow ``forward(input, state=None) -> (output, new_state)``.
         exclude_modules: Names of modules whose state must not be carried (they start from zeros in every segment).
+        lengths: Where batches carry the lengths of their padded sequences: a key, an index, a path of those, or a
+            callable (see :mod:`lightning_tbptt.lengths`). Segments then carry their own lengths in that place,
+            segments in which every sequence has ended are not run, and :func:`~lightning_tbptt.current_segment`'s
+            mask marks padding as invalid. ``None``: every time step is valid.
+        drop_finished: With ``lengths``, drop the rows whose sequence has ended from the later segments of a batch
+            (and from the carried state), so that the work follows the number of valid steps and no row of a segment
+            has length 0. The model must then accept a batch size that shrinks from one segment to the next, and its
+            loss must not count padding (e.g. :func:`~lightning_tbptt.masked_mean`).
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -79,6 +90,8 @@ class TBPTTCallback(Callback):
         step_per: StepPer = "segment",
         recurrent_modules: Sequence[str] = (),
         exclude_modules: Sequence[str] = (),
+        lengths: LengthsSpec | None = None,
+        drop_finished: bool = False,
     ) -> None:
         if segment_length is not None:
             _check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
@@ -97,9 +110,22 @@ class TBPTTCallback(Callback):
         self.step_per: StepPer = step_per
         self.recurrent_modules = _check_names(recurrent_modules, "recurrent_modules")
         self.exclude_modules = _check_names(exclude_modules, "exclude_modules")
+        if not isinstance(drop_finished, bool):
+            raise ConfigurationError(
+                f"Expected argument `drop_finished` to be a bool but got {drop_finished!r}. Pass True or False."
+            )
+        if drop_finished and lengths is None:
+            raise ConfigurationError(
+                "Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be"
+                " dropped once their sequence is known to have ended. Pass e.g. `lengths='lengths'`."
+            )
+        self.lengths = lengths
+        self.drop_finished = drop_finished
+        self._lengths = None if lengths is None else LengthsLocation(lengths)
         self._fit_segment_length = 0
         self._takes_hiddens = False
         self._split_with_module = False
+        self._custom_split = False
         self._schedule: OptimizationSchedule | None = None
         self._carrier: StateCarrier | None = None
         self._patch: TrainingLoopPatch | None = None
@@ -222,12 +248,32 @@ class TBPTTCallback(Callback):
                 " defined, so it is unclear which one cuts the batches. Keep only one of them."
             )
         self._split_with_module = module_splits
+        self._custom_split = module_splits or callback_splits
+        if self.lengths is not None and self._custom_split:
+            splitter = "tbptt_split_batch" if module_splits else "split_batch"
+            raise ConfigurationError(
+                f"`TBPTTCallback(lengths={self.lengths!r})` cannot be combined with a custom `{splitter}`: the start of"
+                " its segments in the batch is unknown, so their lengths are too. Drop one of the two."
+            )
+        if self.drop_finished and self._takes_hiddens:
+            raise ConfigurationError(
+                "`TBPTTCallback(drop_finished=True)` cannot drop finished rows from `hiddens`, whose layout it does not"
+                " know. Use `drop_finished=False`, or let the callback carry the RNN state (no `hiddens` argument)."
+            )
 
     # ----------------------------------------------------------------------------------------------------------------
     # Running one batch
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _segments(self, batch: Any) -> Sequence[Any]:
+    def _plan(self, batch: Any) -> SegmentPlan:
+        if not self._custom_split:
+            return plan_segments(
+                batch,
+                self._fit_segment_length,
+                time_dim=self.time_dim,
+                lengths=self._lengths,
+                drop_finished=self.drop_finished,
+            )
         assert self._trainer is not None
         if self._split_with_module:
             module = self._trainer.lightning_module
@@ -241,7 +287,7 @@ class TBPTTCallback(Callback):
                 f"Expected `{source}` to return a non-empty sequence of segments but got {segments!r:.80}. Return a"
                 " list with one batch per segment, in time order."
             )
-        return segments
+        return plan_custom_segments(segments, self.time_dim, source)
 
     def _ensure_carrier(self) -> StateCarrier:
         """Hook the recurrent modules once they all exist (after `configure_model`), at fit start or first batch."""
@@ -268,15 +314,16 @@ class TBPTTCallback(Callback):
                 " `training_step(batch, batch_idx)` instead."
             )
         trainer = self._trainer
-        segments = self._segments(context.kwargs["batch"])
+        plan = self._plan(context.kwargs["batch"])
         carrier = self._ensure_carrier()
         carrier.reset()
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
         hiddens = None
         output: dict[str, Any] = {}
-        for index, segment in enumerate(segments):
+        for planned in plan:
+            index = planned.info.index
             kwargs = OrderedDict(context.kwargs)
-            kwargs["batch"] = segment
+            kwargs["batch"] = planned.batch
             if self._takes_hiddens:
                 kwargs["hiddens"] = hiddens
             decision = None
@@ -284,13 +331,15 @@ class TBPTTCallback(Callback):
                 decision = self._schedule.decide(
                     step_per,
                     index,
-                    len(segments),
+                    len(plan),
                     accumulate_grad_batches=context.accumulate_grad_batches,
                     batch_zeroes=context.batch_zeroes,
                     batch_steps=context.batch_steps,
                 )
-            with carrier.segment():
-                output = run_segment(kwargs, decision)
+            if planned.keep is not None:
+                carrier.select_rows(planned.keep, planned.previous_rows)
+            with carrier.segment(), running(planned.info):
+                output = run_segment(kwargs, decision, planned.info.num_valid)
             if self._takes_hiddens:
                 hiddens = self._returned_hiddens(output, index)
             if 0 <= trainer.max_steps <= trainer.global_step:

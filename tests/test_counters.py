@@ -170,7 +170,7 @@ def test_hook_and_step_counts(tmp_path, step_per, accumulate, segment_length):
     assert logged_steps == list(range(stepping_batches))
 
 
-def test_logged_step_value_is_last_segment_and_epoch_value_is_mean_of_segments(tmp_path):
+def test_logged_step_value_is_last_segment_and_epoch_value_is_mean_over_time_steps(tmp_path):
     model = CountingModel().double()
     logger = RecordingLogger()
     trainer = make_trainer(tmp_path, [TBPTTCallback(5)], logger=logger, log_every_n_steps=1)
@@ -179,7 +179,11 @@ def test_logged_step_value_is_last_segment_and_epoch_value_is_mean_of_segments(t
     last_segments = model.segment_losses[SEGMENTS - 1 :: SEGMENTS]
     assert step_values == pytest.approx(last_segments)
     (epoch_value,) = [metrics["train_loss_epoch"] for _, metrics in logger.records if "train_loss_epoch" in metrics]
-    assert epoch_value == pytest.approx(sum(model.segment_losses) / len(model.segment_losses))
+    # each segment's mean is weighted by its time steps (4 sequences x 5, 5, 5, 5, 3 steps): the mean over all steps
+    steps = [4 * n for n in (5, 5, 5, 5, 3)] * BATCHES
+    weighted = sum(loss * n for loss, n in zip(model.segment_losses, steps, strict=True)) / sum(steps)
+    assert epoch_value == pytest.approx(weighted)
+    assert epoch_value != pytest.approx(sum(model.segment_losses) / len(model.segment_losses))
 
 
 @pytest.mark.parametrize(
