@@ -7,6 +7,26 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(name: str, *args: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / name), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    return result.stdout.splitlines()
+
+
+def test_variable_length_benchmark_runs_and_prints_the_four_methods():
+    tiny = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "4", "--length", "64", "--segment-length", "16"]
+    lines = run_script("variable_length.py", *tiny, "--batches", "2", "--rounds", "1")
+    for method in ("every padded step", "lengths (skip ended)", "lengths + drop_finished", "packed + drop_finished"):
+        (row,) = [line for line in lines if line.startswith(method)]
+        assert all(float(v) > 0 for v in row[len(method) :].split())
+
+
 def test_overhead_benchmark_runs_and_prints_the_three_methods():
     args = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "2", "--length", "64", "--batches", "2"]
     result = subprocess.run(
