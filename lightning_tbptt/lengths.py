@@ -28,7 +28,6 @@ Example:
 """  # noqa: E501
 
 import copy
-import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
@@ -75,7 +74,8 @@ class LengthsLocation:
     def describe(self) -> str:
         """The place as Python code, for messages: ``batch['lengths']``, ``batch[2]``, ``f(batch)``."""
         if self.path is None:
-            return f"{getattr(self.spec, '__name__', 'lengths')}(batch)"
+            name = getattr(self.spec, "__name__", "<lambda>")
+            return "the `lengths` callable's result" if name == "<lambda>" else f"{name}(batch)"
         return "batch" + "".join(f"[{k!r}]" for k in self.path)
 
     def get(self, batch: Any) -> Tensor:
@@ -131,7 +131,10 @@ class LengthsLocation:
         if isinstance(key, str) and is_namedtuple(container):
             return container._replace(**{key: new})
         if isinstance(key, str) and is_dataclass_instance(container):
-            return dataclasses.replace(container, **{key: new})
+            # as Lightning's own `apply_to_collection` does: copy and set, without re-running `__init__`
+            shallow_dataclass: Any = copy.copy(container)
+            setattr(shallow_dataclass, key, new)
+            return shallow_dataclass
         items = list(container)
         items[key] = new  # type: ignore[index]
         if is_namedtuple(container):

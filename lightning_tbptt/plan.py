@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from lightning_tbptt.errors import BatchError
 from lightning_tbptt.lengths import LengthsLocation, check_lengths, segment_lengths
@@ -42,10 +41,6 @@ class PlannedSegment:
     """What ``training_step`` receives."""
     info: Segment
     """What :func:`~lightning_tbptt.current_segment` returns while it runs."""
-    keep: Tensor | None = None
-    """Positions (on the CPU), among the previous segment's rows, of the rows this segment keeps; ``None`` if all."""
-    previous_rows: int = 0
-    """Number of rows of the previous segment (what ``keep`` indexes)."""
 
 
 class SegmentPlan:
@@ -96,9 +91,20 @@ def plan_segments(
 
     full = lengths.get(batch)
     stripped = lengths.replace(batch, None)
-    padded = sequence_length(stripped, time_dim)
-    rows, _ = _rows_of(stripped, time_dim)
+    try:
+        padded = sequence_length(stripped, time_dim, hint_custom_split=False)
+    except BatchError as error:
+        if lengths.writable:
+            raise
+        raise BatchError(
+            f"{error} With a callable `lengths` the lengths tensor stays in the batch; pass its key or index instead,"
+            " so that it is taken out before the batch is cut."
+        ) from None
+    rows, device = _rows_of(stripped, time_dim)
     on_cpu = check_lengths(full, where=lengths.describe(), batch_size=rows, padded_length=padded)
+    # int64 (no unsigned wrap-around in `length - start`) and on the sequences' device (where the mask is used)
+    full_long = full.to(device=device, dtype=torch.long, non_blocking=True)
+    on_cpu = on_cpu.long()
     longest = int(on_cpu.max())
     if longest == 0:
         raise BatchError(
@@ -108,27 +114,21 @@ def plan_segments(
     bounds = segment_bounds(longest, segment_length)
 
     def build_with_lengths() -> Iterator[PlannedSegment]:
-        previous: Tensor | None = None
         for index, (start, stop) in enumerate(bounds):
             size = stop - start
             valid_cpu = segment_lengths(on_cpu, start, size)
-            valid = segment_lengths(full, start, size)
-            active = keep = None
-            previous_rows = 0
-            if drop_finished:
+            valid = segment_lengths(full_long, start, size)
+            active = None
+            if drop_finished and bool((on_cpu <= start).any()):
                 active = torch.nonzero(on_cpu > start).flatten()
-                if previous is not None and active.numel() < previous.numel():
-                    keep, previous_rows = torch.searchsorted(previous, active), previous.numel()
-                previous = active
-                if active.numel() == rows:
-                    active = None
-                else:
-                    valid_cpu = valid_cpu[active]
-                    valid = valid.index_select(0, active.to(valid.device, non_blocking=True))
-            data = lengths.replace(slice_batch(stripped, start, stop, time_dim, active), valid)
+                valid_cpu = valid_cpu[active]
+                valid = valid.index_select(0, active.to(device, non_blocking=True))
+            # written back into the batch with the dtype and on the device the batch had them
+            in_batch = valid.to(device=full.device, dtype=full.dtype, non_blocking=True)
+            data = lengths.replace(slice_batch(stripped, start, stop, time_dim, active), in_batch)
             num_valid = int(valid_cpu.sum())  # from the CPU copy: no device synchronisation
             info = Segment(index, len(bounds), start, size, time_dim, lengths=valid, rows=active, num_valid=num_valid)
-            yield PlannedSegment(data, info, keep, previous_rows)
+            yield PlannedSegment(data, info)
 
     return SegmentPlan(len(bounds), build_with_lengths)
 

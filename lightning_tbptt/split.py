@@ -22,7 +22,7 @@ Example:
     >>> sequence_length((torch.zeros(2, 5, 3), torch.zeros(2, 4)))
     Traceback (most recent call last):
       ...
-    lightning_tbptt.errors.BatchError: Expected every sequence tensor of the batch (a tensor with more than `time_dim=1` dimensions) to have the same size along dimension 1 but got sizes [5, 4] for tensors of shapes [(2, 5, 3), (2, 4)]. Pad them to one length, give per-sequence tensors at most 1 dimensions, or override `TBPTTCallback.split_batch`.
+    lightning_tbptt.errors.BatchError: Expected every sequence tensor of the batch (a tensor with more than `time_dim=1` dimensions) to have the same size along dimension 1 but got sizes [5, 4] for tensors of shapes [(2, 5, 3), (2, 4)]. Pad them to one length, give per-sequence tensors (labels, lengths) at most 1 dimension, or override `TBPTTCallback.split_batch`.
 
 """  # noqa: E501
 
@@ -48,12 +48,13 @@ def _shapes(tensors: list[Tensor]) -> str:
     return ", ".join(str(s) for s in shapes) + more
 
 
-def sequence_length(batch: Any, time_dim: int = 1) -> int:
+def sequence_length(batch: Any, time_dim: int = 1, hint_custom_split: bool = True) -> int:
     """Return the length ``T`` along ``time_dim`` that every sequence tensor of ``batch`` shares.
 
     Args:
         batch: Any collection of tensors (see the module documentation for the rule).
         time_dim: The dimension that indexes time in sequence tensors.
+        hint_custom_split: Whether error messages may suggest overriding ``TBPTTCallback.split_batch``.
 
     Returns:
         The sequence length of the batch.
@@ -63,12 +64,12 @@ def sequence_length(batch: Any, time_dim: int = 1) -> int:
             disagree on their length, or a length of 0.
 
     """
+    override = " or override `TBPTTCallback.split_batch`" if hint_custom_split else ""
     tensors = _tensors(batch)
     if not tensors:
         raise BatchError(
             f"Expected the training batch to contain at least one tensor to cut along `time_dim={time_dim}` but got"
-            f" a batch of type {type(batch).__name__} without tensors. Return tensors from your DataLoader or"
-            " override `TBPTTCallback.split_batch`."
+            f" a batch of type {type(batch).__name__} without tensors. Return tensors from your DataLoader{override}."
         )
     sequences = [t for t in tensors if t.dim() > time_dim]
     if not sequences:
@@ -79,11 +80,17 @@ def sequence_length(batch: Any, time_dim: int = 1) -> int:
         )
     lengths = sorted({t.shape[time_dim] for t in sequences}, reverse=True)
     if len(lengths) > 1:
+        if time_dim == 0:
+            per_sequence = "keep per-sequence tensors out of time-first batches (give lengths as `lengths=`)"
+        else:
+            per_sequence = f"give per-sequence tensors (labels, lengths) at most {time_dim} dimension" + "s" * (
+                time_dim > 1
+            )
         raise BatchError(
             "Expected every sequence tensor of the batch (a tensor with more than"
             f" `time_dim={time_dim}` dimensions) to have the same size along dimension {time_dim} but got sizes"
-            f" {lengths} for tensors of shapes [{_shapes(sequences)}]. Pad them to one length, give per-sequence"
-            f" tensors at most {time_dim} dimensions, or override `TBPTTCallback.split_batch`."
+            f" {lengths} for tensors of shapes [{_shapes(sequences)}]. Pad them to one length,"
+            f" {per_sequence}{',' if override else ''}{override}."
         )
     if lengths[0] == 0:
         raise BatchError(

@@ -1,5 +1,7 @@
 """Planning the segments of a batch: skipped tails, segment lengths, dropped rows, the mask, laziness."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -45,17 +47,12 @@ def test_dropping_finished_rows():
     assert [s.batch["lengths"].tolist() for s in segments] == [[4, 4, 4, 1], [4, 1, 4], [4, 1]]
     assert all((s.batch["lengths"] > 0).all() for s in segments), "no row of a segment has length 0"
     assert torch.equal(segments[2].batch["x"], batch["x"][[0, 2], 8:12])
-    # positions of the kept rows among the previous segment's rows, for slicing the carried state
-    assert segments[0].keep is None
-    assert (segments[1].keep.tolist(), segments[1].previous_rows) == ([0, 1, 2], 4)
-    assert (segments[2].keep.tolist(), segments[2].previous_rows) == ([0, 2], 3)
 
 
 def test_rows_of_length_zero_are_dropped_from_the_first_segment():
     batch = {"x": torch.zeros(3, 6, 1), "lengths": torch.tensor([6, 0, 2])}
     first = next(iter(plan_segments(batch, 4, lengths=LengthsLocation("lengths"), drop_finished=True)))
     assert first.info.rows.tolist() == [0, 2]
-    assert first.keep is None, "nothing is carried into the first segment"
 
 
 def test_time_first_batches_with_lengths_by_index():
@@ -64,6 +61,39 @@ def test_time_first_batches_with_lengths_by_index():
     segments = list(plan_segments(batch, 4, time_dim=0, lengths=LengthsLocation(1), drop_finished=True))
     assert [s.batch[0].shape for s in segments] == [(4, 3, 2), (4, 2, 2), (2, 1, 2)]
     assert segments[1].info.sequence_mask.shape == (4, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_every_integer_dtype_of_lengths_gives_the_same_segments(dtype):
+    batch = (torch.zeros(2, 10, 1), torch.tensor([10, 3], dtype=dtype))
+    segments = list(plan_segments(batch, 4, lengths=LengthsLocation(1)))
+    assert [s.info.lengths.tolist() for s in segments] == [[4, 3], [4, 0], [2, 0]]
+    assert all(s.info.lengths.dtype == torch.int64 for s in segments)
+    assert all(s.batch[1].dtype == dtype for s in segments), "written back with the batch's own dtype"
+
+
+def test_dataclass_batches_are_copied_not_re_initialised():
+    @dataclasses.dataclass
+    class Batch:
+        x: torch.Tensor
+        lengths: torch.Tensor
+        derived: torch.Tensor = dataclasses.field(init=False)
+
+        def __post_init__(self) -> None:
+            self.derived = self.lengths * 2  # would fail if __init__ ran again with lengths=None
+
+    segments = list(
+        plan_segments(Batch(torch.zeros(2, 6, 1), torch.tensor([6, 2])), 4, lengths=LengthsLocation("lengths"))
+    )
+    assert [s.batch.lengths.tolist() for s in segments] == [[4, 2], [2, 0]]
+    assert [s.batch.x.shape[1] for s in segments] == [4, 2]
+
+
+def test_callable_lengths_in_a_time_first_batch_say_how_to_fix_it():
+    batch = {"x": torch.zeros(10, 3, 2), "n": torch.tensor([10, 4, 2])}
+    with pytest.raises(BatchError, match=r"pass its key or index instead") as error:
+        plan_segments(batch, 4, time_dim=0, lengths=LengthsLocation(lambda b: b["n"]))
+    assert "split_batch" not in str(error.value), "a custom split cannot be combined with lengths"
 
 
 def test_plans_build_one_segment_at_a_time():

@@ -88,7 +88,7 @@ def test_sequence_length_rule():
             {"x": torch.zeros(2, 5, 3), "static": torch.zeros(2, 4)},
             1,
             r"sizes \[5, 4\] for tensors of shapes \[\(2, 5, 3\), \(2, 4\)\]\. Pad them to one length, give "
-            r"per-sequence tensors at most 1 dimensions, or override `TBPTTCallback.split_batch`",
+            r"per-sequence tensors \(labels, lengths\) at most 1 dimension, or override `TBPTTCallback.split_batch`",
         ),
         ((torch.zeros(2, 0, 3),), 1, r"at least one time step along `time_dim=1` but got length 0"),
     ],
