@@ -336,9 +336,7 @@ class TBPTTCallback(Callback):
                     batch_zeroes=context.batch_zeroes,
                     batch_steps=context.batch_steps,
                 )
-            if planned.keep is not None:
-                carrier.select_rows(planned.keep, planned.previous_rows)
-            with carrier.segment(), running(planned.info):
+            with carrier.segment(planned.info.rows, planned.info.batch_size), running(planned.info):
                 output = run_segment(kwargs, decision, planned.info.num_valid)
             if self._takes_hiddens:
                 hiddens = self._returned_hiddens(output, index)

@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
+import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -160,7 +161,8 @@ class StateCarrier:
         self._active = False
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
-        self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else 0 for name, module in modules.items()}
+        self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else None for name, module in modules.items()}
+        self._rows: dict[str, tuple[Tensor | None, int]] = {}
         for name, module in modules.items():
             argument = arguments[name]
             self._handles.append(
@@ -169,12 +171,19 @@ class StateCarrier:
             self._handles.append(module.register_forward_hook(partial(self._capture, name)))
 
     @contextmanager
-    def segment(self) -> Iterator[None]:
+    def segment(self, rows: Tensor | None = None, batch_size: int = 0) -> Iterator[None]:
         """Activate the hooks for one segment; on success, the states the modules returned become the carried ones.
+
+        Args:
+            rows: Indices (sorted, on the CPU) of the batch rows this segment holds, when finished rows are dropped;
+                each carried state is first restricted to them. ``None``: every row of the batch.
+            batch_size: Number of rows of the segment.
 
         If the segment raises, the carried state is left as it was.
 
         """
+        if rows is not None:
+            self._restrict(rows)
         self._active = True
         try:
             yield
@@ -183,36 +192,43 @@ class StateCarrier:
             raise
         finally:
             self._active = False
-        self.carried.update({name: detach_state(state) for name, state in self._pending.items()})
+        for name, state in self._pending.items():
+            self.carried[name] = detach_state(state)
+            self._rows[name] = (rows, batch_size)
         self._pending.clear()
 
-    def select_rows(self, keep: Tensor, rows: int) -> None:
-        """Keep only the rows ``keep`` (positions among the current ``rows`` rows) of every carried state.
-
-        The batch dimension is 1 for the state of ``torch.nn`` RNNs (``(layers, B, H)``) and 0 for custom modules.
-
-        Raises:
-            ModelError: If a state tensor of a custom module does not have the current rows as its first dimension.
-
-        """
+    def _restrict(self, rows: Tensor) -> None:
         for name, state in self.carried.items():
-            dim = self._batch_dims[name]
+            held, count = self._rows[name]
+            if held is not None and torch.equal(held, rows):
+                continue
+            positions = rows if held is None else torch.searchsorted(held, rows)
+            self.carried[name] = apply_to_collection(state, Tensor, self._select, name, positions, count)
+            self._rows[name] = (rows, rows.numel())
 
-            def select(tensor: Tensor, name: str = name, dim: int = dim) -> Tensor:
-                if tensor.dim() <= dim or tensor.shape[dim] != rows:
-                    raise ModelError(
-                        f"Cannot drop finished rows from the state of `{name}`: expected its state tensors to have the"
-                        f" {rows} sequences along dimension {dim} but got shape {tuple(tensor.shape)}. Use"
-                        " `TBPTTCallback(drop_finished=False)` for this model."
-                    )
-                return tensor.index_select(dim, keep.to(tensor.device, non_blocking=True))
+    def _select(self, tensor: Tensor, name: str, positions: Tensor, count: int) -> Tensor:
+        """Select ``positions`` along the dimension of ``tensor`` that holds the ``count`` sequences.
 
-            self.carried[name] = apply_to_collection(state, Tensor, select)
+        That is dimension 1 for ``torch.nn`` RNNs (``(layers, B, H)``); for custom modules, the only dimension of size
+        ``count``.
+        """
+        dims = [d for d, size in enumerate(tensor.shape) if size == count]
+        if self._batch_dims[name] is not None:
+            dims = [d for d in dims if d == self._batch_dims[name]]
+        if len(dims) != 1:
+            found = "no dimension" if not dims else f"dimensions {dims}"
+            raise ModelError(
+                f"Cannot drop finished rows from the state of `{name}`: expected exactly one dimension of its state"
+                f" tensors to hold the {count} sequences but found {found} of that size in shape"
+                f" {tuple(tensor.shape)}. Use `TBPTTCallback(drop_finished=False)` for this model."
+            )
+        return tensor.index_select(dims[0], positions.to(tensor.device, non_blocking=True))
 
     def reset(self) -> None:
         """Forget every carried state: the next segment starts from the modules' default (zero) state."""
         self.carried.clear()
         self._pending.clear()
+        self._rows.clear()
 
     def remove(self) -> None:
         """Remove every hook from the modules."""

@@ -104,6 +104,66 @@ def test_carried_state_only_changes_between_segments_and_not_outside_them():
     assert not gru._forward_hooks and not gru._forward_pre_hooks
 
 
+def test_dropping_rows_restricts_the_carried_state_like_running_fewer_sequences():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 4, num_layers=2, proj_size=2, batch_first=True).double()
+    x = torch.randn(4, 9, 3, dtype=torch.float64)
+    carrier = StateCarrier({"lstm": lstm})
+    with carrier.segment(None, 4):
+        lstm(x[:, :3])
+    with carrier.segment(torch.tensor([0, 2, 3]), 3):
+        lstm(x[[0, 2, 3], 3:6])
+    with carrier.segment(torch.tensor([2]), 1):
+        last, _ = lstm(x[[2], 6:9])
+    full, _ = lstm(x[[2]])
+    assert torch.allclose(last, full[:, 6:9])
+
+
+def test_a_module_skipped_in_a_segment_is_restricted_from_the_rows_it_holds():
+    torch.manual_seed(0)
+    gru, other = nn.GRU(3, 4, batch_first=True).double(), nn.GRU(3, 4, batch_first=True).double()
+    x = torch.randn(4, 6, 3, dtype=torch.float64)
+    carrier = StateCarrier({"gru": gru, "other": other})
+    with carrier.segment(None, 4):
+        gru(x[:, :2])
+        other(x[:, :2])
+    with carrier.segment(torch.tensor([1, 2, 3]), 3):
+        gru(x[1:, 2:4])  # `other` is not called in this segment
+    with carrier.segment(torch.tensor([3]), 1):
+        out, _ = other(x[[3], 2:4])
+    expected, _ = other(x[[3], :4])
+    assert torch.allclose(out, expected[:, 2:4])
+
+
+class LayeredCell(nn.Module):
+    """A custom recurrent module that owns an LSTM: its state is (layers, B, H), not batch-first."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 5, num_layers=layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor, state: Any = None) -> Any:
+        return self.lstm(x, state)
+
+
+def test_custom_state_rows_are_found_by_size_and_ambiguity_is_an_error():
+    cell = LayeredCell(layers=3)
+    carrier = StateCarrier({"cell": cell})
+    with carrier.segment(None, 2):
+        cell(torch.zeros(2, 4, 3))
+    with carrier.segment(torch.tensor([1]), 1):
+        cell(torch.zeros(1, 4, 3))  # the only dimension of size 2 is dimension 1
+    assert carrier.carried["cell"][0].shape == (3, 1, 5)
+
+    cell = LayeredCell(layers=2)  # (2 layers, 2 sequences, 5): which dimension holds the sequences?
+    carrier = StateCarrier({"cell": cell})
+    with carrier.segment(None, 2):
+        cell(torch.zeros(2, 4, 3))
+    match = r"`cell`: expected exactly one dimension .* found dimensions \[0, 1\]"
+    with pytest.raises(ModelError, match=match), carrier.segment(torch.tensor([1]), 1):
+        pass
+
+
 class DictStateCell(nn.Module):
     """A custom recurrent module with a nested state and a differently named state argument."""
 
