@@ -11,7 +11,10 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
 * ``_TrainingEpochLoop.manual_optimization`` — ``_ManualOptimization``, and its ``run(kwargs)``;
 * ``_TrainingEpochLoop._should_accumulate()``;
 * ``Trainer._results.batch_size`` — the batch size by which ``self.log(..., on_epoch=True)`` weights a value; set per
-  segment to its number of valid time steps, and back to ``None`` (Lightning infers it from the batch) afterwards.
+  segment to its number of valid time steps, and back to ``None`` (Lightning infers it from the batch) afterwards;
+* ``Trainer._logger_connector._first_loop_iter`` — during the first batch of an epoch, Lightning clears a hook's logged
+  values each time it logs (harmless when every hook runs once per batch). With several segments per batch that would
+  drop the first batch's earlier segments from epoch aggregates, so it is turned off once the first segment has run.
 
 Calling the original ``run`` once per segment gives every segment Lightning's whole automatic-optimisation path
 (precision plugin, gradient clipping, ``optimizer_step`` and every backward/optimizer hook). Whether a segment zeroes
@@ -41,7 +44,20 @@ _REQUIRED = {
         "_optimizer_zero_grad",
     ),
     "manual_optimization": ("run",),
+    "trainer": ("_results", "_logger_connector"),
+    "logger_connector": ("_first_loop_iter",),
 }
+
+
+def _owners(trainer: "pl.Trainer") -> dict[str, Any]:
+    epoch_loop = trainer.fit_loop.epoch_loop
+    return {
+        "epoch_loop": epoch_loop,
+        "automatic_optimization": getattr(epoch_loop, "automatic_optimization", None),
+        "manual_optimization": getattr(epoch_loop, "manual_optimization", None),
+        "trainer": trainer,
+        "logger_connector": getattr(trainer, "_logger_connector", None),
+    }
 
 
 @dataclass
@@ -82,11 +98,7 @@ class TrainingLoopPatch:
 
     def __init__(self, trainer: "pl.Trainer", run_batch: RunBatch) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
-        objects = {
-            "epoch_loop": epoch_loop,
-            "automatic_optimization": getattr(epoch_loop, "automatic_optimization", None),
-            "manual_optimization": getattr(epoch_loop, "manual_optimization", None),
-        }
+        objects = _owners(trainer)
         for owner, names in _REQUIRED.items():
             missing = [name for name in names if not hasattr(objects[owner], name)]
             if missing:
@@ -148,7 +160,7 @@ class TrainingLoopPatch:
                 return original_run(optimizer, batch_idx, segment_kwargs)
             finally:
                 self._decision = None
-                self._set_log_weight(None)
+                self._after_segment()
 
         return self._run_batch(context, run_segment)
 
@@ -162,7 +174,7 @@ class TrainingLoopPatch:
             try:
                 return original_run(segment_kwargs)
             finally:
-                self._set_log_weight(None)
+                self._after_segment()
 
         return self._run_batch(context, run_segment)
 
@@ -170,6 +182,12 @@ class TrainingLoopPatch:
         results = self._trainer._results
         if results is not None:
             results.batch_size = weight
+
+    def _after_segment(self) -> None:
+        self._set_log_weight(None)
+        connector = self._trainer._logger_connector
+        if connector._first_loop_iter is True:
+            connector._first_loop_iter = False
 
     def _make_zero_grad_fn(self, batch_idx: int, optimizer: Optimizer) -> Callable[[], None] | None:
         decision = self._decision
@@ -193,12 +211,7 @@ class TrainingLoopPatch:
 
 def patched_loop_attributes(trainer: "pl.Trainer") -> list[str]:
     """Return the loop methods that are shadowed on the loop instances of ``trainer`` (empty when none is)."""
-    epoch_loop = trainer.fit_loop.epoch_loop
-    owners = {
-        "epoch_loop": epoch_loop,
-        "automatic_optimization": epoch_loop.automatic_optimization,
-        "manual_optimization": epoch_loop.manual_optimization,
-    }
+    owners = _owners(trainer)
     return [
         f"{owner}.{name}"
         for owner, names in _REQUIRED.items()
