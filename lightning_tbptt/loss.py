@@ -13,6 +13,7 @@ Inside ``training_step`` of a fit with ``TBPTTCallback`` the mask defaults to th
 
 """
 
+import torch
 from torch import Tensor
 
 from lightning_tbptt.errors import BatchError
@@ -29,10 +30,11 @@ def resolve_mask(mask: Tensor | None, *tensors: Tensor, names: tuple[str, ...] =
     """
     if mask is None:
         mask = current_segment().sequence_mask
-    if mask.dtype.is_floating_point or mask.dim() != 2:
+    if mask.dtype != torch.bool or mask.dim() != 2:
         raise BatchError(
             f"Expected `mask` to be a 2-D boolean tensor but got dtype {mask.dtype} and shape {tuple(mask.shape)}."
-            " Pass `lengths`-derived masks such as `torch.arange(T) < lengths[:, None]`."
+            " Pass a boolean mask laid out like the per-step tensors, e.g. `steps[None, :] < lengths[:, None]` for"
+            " batch-first ones."
         )
     for name, tensor in zip(names, tensors, strict=True):
         if tuple(tensor.shape[:2]) != tuple(mask.shape):
@@ -40,7 +42,7 @@ def resolve_mask(mask: Tensor | None, *tensors: Tensor, names: tuple[str, ...] =
                 f"Expected `{name}` to start with the mask's shape {tuple(mask.shape)} (batch and time, in the"
                 f" layout of the sequence tensors) but got shape {tuple(tensor.shape)}. Pass one value per time step."
             )
-    return mask.bool()
+    return mask
 
 
 def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -53,7 +55,9 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
 
     Returns:
         The mean over valid steps (and over any trailing dimensions); 0, with a zero gradient, if none is valid. It
-        needs no device synchronisation.
+        needs no device synchronisation. Padded steps get a zero gradient, but an operation whose derivative is
+        infinite at the padding values (``sqrt`` of zeros, ``log`` of zeros) still yields ``NaN`` gradients: keep
+        padding values harmless for the operations applied before the mask.
 
     Raises:
         BatchError: If ``mask`` does not match ``values``.
@@ -62,6 +66,8 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     """
     mask = resolve_mask(mask, values)
     expanded = mask.reshape(*mask.shape, *([1] * (values.dim() - 2)))
-    total = values.masked_fill(~expanded, 0).sum()
+    # accumulate in at least float32: a float16 sum over many steps overflows
+    accumulate = torch.promote_types(values.dtype, torch.float32)
+    total = values.masked_fill(~expanded, 0).sum(dtype=accumulate)
     per_step = values[0, 0].numel() if values.numel() else 1
-    return total / (mask.sum() * per_step).clamp(min=1)
+    return (total / (mask.sum() * per_step).clamp(min=1)).to(values.dtype)

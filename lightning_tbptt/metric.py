@@ -14,6 +14,7 @@ Example:
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.wrappers.abstract import WrapperMetric
@@ -56,10 +57,12 @@ class MaskedMetric(WrapperMetric):
     def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
         """Update the wrapped metric with the valid steps of ``preds`` and ``target``."""
         self.metric.update(*self._select(preds, target, mask))
+        self._update_count += 1
 
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Any:
         """Update the wrapped metric and return its value on these steps alone."""
         self._forward_cache = self.metric(*self._select(preds, target, mask))
+        self._update_count += 1
         return self._forward_cache
 
     def compute(self) -> Any:
@@ -70,6 +73,12 @@ class MaskedMetric(WrapperMetric):
         """Reset the wrapped metric."""
         super().reset()
         self.metric.reset()
+
+    def set_dtype(self, dst_type: str | torch.dtype) -> "MaskedMetric":
+        """Convert the wrapped metric's state to ``dst_type``."""
+        super().set_dtype(dst_type)
+        self.metric.set_dtype(dst_type)
+        return self
 
     def persistent(self, mode: bool = False) -> None:
         """Make the wrapped metric's state part of ``state_dict`` (``True``) or not (``False``, the default)."""

@@ -23,7 +23,6 @@ Example:
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -48,8 +47,8 @@ class Segment:
     time_dim: int
     """The time dimension of the segment's sequence tensors."""
     lengths: Tensor | None = None
-    """Valid time steps of each row in this segment, ``clamp(length - start, 0, segment_length)``, shape ``(B,)``, on
-    the batch's device; ``None`` when the batch has no lengths (every step is valid)."""
+    """Valid time steps of each row in this segment, ``clamp(length - start, 0, segment_length)``, shape ``(B,)``,
+    ``int64``, on the device of the sequence tensors; ``None`` when the batch has no lengths (every step is valid)."""
     rows: Tensor | None = None
     """Indices (on the CPU) of this segment's rows within the batch, when finished rows are dropped; else ``None``."""
     batch_size: int = 0
@@ -98,7 +97,9 @@ class Segment:
         )
 
 
-_CURRENT: ContextVar[Segment | None] = ContextVar("lightning_tbptt_current_segment", default=None)
+# A plain module attribute rather than a ContextVar: autograd runs backward hooks on worker threads (one per
+# accelerator), which would not see a context variable set by the training thread.
+_current: list[Segment] = []
 
 
 def current_segment() -> Segment:
@@ -108,21 +109,20 @@ def current_segment() -> Segment:
         NoSegmentError: When no segment is running (outside ``training_step`` of a fit with ``TBPTTCallback``).
 
     """
-    segment = _CURRENT.get()
-    if segment is None:
+    if not _current:
         raise NoSegmentError(
             "Expected `current_segment()` to be called while `TBPTTCallback` runs a segment (in `training_step` or a"
             " hook or metric it calls) but no segment is running. Outside a segment, pass the mask explicitly"
             " (`mask=...`)."
         )
-    return segment
+    return _current[-1]
 
 
 @contextmanager
 def running(segment: Segment) -> Iterator[Segment]:
     """Make ``segment`` the one :func:`current_segment` returns, for the duration of the block."""
-    token = _CURRENT.set(segment)
+    _current.append(segment)
     try:
         yield segment
     finally:
-        _CURRENT.reset(token)
+        _current.pop()

@@ -40,6 +40,17 @@ def test_update_compute_forward_reset_match_the_plain_metric_on_valid_steps():
     assert masked.compute() == MulticlassAccuracy(num_classes=4)(preds2[mask2], target2[mask2])
 
 
+def test_update_bookkeeping_and_dtype_reach_like_a_plain_metric():
+    preds, target, mask = random_steps()
+    metric = MaskedMetric(MeanSquaredError())
+    assert not metric.update_called
+    metric.update(preds[..., 0], target.double(), mask=mask)
+    assert metric.update_called
+    assert metric.update_count == 1
+    metric.set_dtype(torch.float64)
+    assert metric.metric.sum_squared_error.dtype == torch.float64
+
+
 def test_metric_collection_of_masked_metrics():
     preds, target, mask = random_steps()
     collection = MetricCollection(

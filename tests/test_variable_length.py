@@ -213,6 +213,39 @@ def _recording(log: Any, into: list[float]) -> Any:
     return wrapper
 
 
+class LogsInAnotherHookToo(FrozenRegressor):
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.log("grad_norm", 1.0, on_step=False, on_epoch=True)
+
+
+def test_epoch_loss_stays_exact_when_other_hooks_log_between_segments(tmp_path):
+    """Lightning clears a hook's logged values when it logs during an epoch's first batch; not between segments."""
+    batches = padded_batches(LENGTHS)
+    model = LogsInAnotherHookToo().double()
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5, lengths="lengths")], max_epochs=2)
+    trainer.fit(model, loader_of(batches))
+    squared_errors = []
+    with torch.no_grad():
+        for batch in batches:
+            for row, n in enumerate(batch["lengths"].tolist()):
+                out, _ = model.rnn(batch["x"][row : row + 1, :n])
+                squared_errors.append(((model.head(out) - batch["y"][row : row + 1, :n]) ** 2).flatten())
+    assert trainer.callback_metrics["train_loss"].item() == pytest.approx(torch.cat(squared_errors).mean().item())
+    assert trainer.callback_metrics["grad_norm"].item() == pytest.approx(1.0)
+
+
+def test_masked_mean_accumulates_half_precision_without_overflow():
+    values = torch.full((64, 512), 3.0, dtype=torch.float16)
+    mean = masked_mean(values, torch.ones(64, 512, dtype=torch.bool))
+    assert mean.dtype == torch.float16
+    assert mean.item() == 3.0
+
+
+def test_masked_mean_needs_a_boolean_mask():
+    with pytest.raises(BatchError, match=r"2-D boolean tensor but got dtype torch.int64"):
+        masked_mean(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.long))
+
+
 class MaskRecorder(MaskedRegressor):
     def __init__(self) -> None:
         super().__init__()
