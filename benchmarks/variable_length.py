@@ -26,12 +26,11 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torch.utils.data import DataLoader
 
 from lightning_tbptt import TBPTTCallback, masked_mean
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import BatchTimer, batch_seconds
+from overhead import fit_seconds
 
 
 class Regressor(pl.LightningModule):
@@ -62,21 +61,6 @@ def make_batches(args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
         x = torch.randn(args.batch_size, args.length, args.input_size, generator=generator)
         batches.append({"x": x, "y": torch.cumsum(x[..., :1], dim=1) / args.length**0.5, "lengths": lengths})
     return batches
-
-
-def fit_seconds(model: pl.LightningModule, batches: list[Any], callback: TBPTTCallback) -> list[float]:
-    timer = BatchTimer()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[callback, timer],
-    )
-    trainer.fit(model, DataLoader(batches, batch_size=None))
-    return batch_seconds(timer.stamps)
 
 
 def main() -> None:
@@ -113,7 +97,7 @@ def main() -> None:
             packed, callback = methods[name]
             model = Regressor(args.input_size, args.hidden_size, packed=packed)
             model.load_state_dict(initial)
-            runs[name] += fit_seconds(model, batches, callback())
+            runs[name] += fit_seconds(model, batches, [callback()])
 
     seconds = {name: statistics.median(times) for name, times in runs.items()}
     baseline = seconds["every padded step"]
