@@ -66,7 +66,6 @@ class BatchContext:
 
     kwargs: "OrderedDict[str, Any]"
     """The arguments of ``training_step`` in order (``batch`` and, if the step takes it, ``batch_idx``)."""
-    batch_idx: int
     automatic: bool
     """Whether the module uses automatic optimization (``False``: the module steps its optimizers itself)."""
     accumulate_grad_batches: int = 1
@@ -145,7 +144,6 @@ class TrainingLoopPatch:
         accumulate = self._trainer.accumulate_grad_batches
         context = BatchContext(
             kwargs=kwargs,
-            batch_idx=batch_idx,
             automatic=True,
             accumulate_grad_batches=accumulate,
             batch_zeroes=batch_idx % accumulate == 0,
@@ -166,8 +164,7 @@ class TrainingLoopPatch:
 
     def _run_manual(self, kwargs: "OrderedDict[str, Any]") -> dict[str, Any]:
         original_run = self._class_method(self._manual, "run")
-        batch_idx = kwargs.get("batch_idx", -1)
-        context = BatchContext(kwargs=kwargs, batch_idx=batch_idx, automatic=False)
+        context = BatchContext(kwargs=kwargs, automatic=False)
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
             self._set_log_weight(weight)
