@@ -195,3 +195,29 @@ def fit_with_twin(
     trainer = make_trainer(tmp_path, callbacks, **kwargs)
     trainer.fit(model, loader)
     return Fitted(model, reference, loader, trainer)
+
+
+GARBAGE = 1e3  # padded steps hold values that would ruin any result they leaked into
+
+
+def padded_batches(
+    lengths: list[list[int]], pad_to: int | None = None, input_size: int = 3, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for batch_lengths in lengths:
+        padded = pad_to or max(batch_lengths)
+        x = torch.full((len(batch_lengths), padded, input_size), GARBAGE, dtype=torch.float64)
+        y = torch.full((len(batch_lengths), padded, 1), GARBAGE, dtype=torch.float64)
+        for row, n in enumerate(batch_lengths):
+            x[row, :n] = torch.randn(n, input_size, generator=generator, dtype=torch.float64)
+            y[row, :n] = torch.cumsum(x[row, :n, :1], dim=0) / 5
+        batches.append({"x": x, "y": y, "lengths": torch.tensor(batch_lengths)})
+    return batches
+
+
+LENGTHS = [[23, 7, 12, 1], [9, 9, 3, 16], [5, 20, 11, 2]]
+
+
+def loader_of(batches: list[Any]) -> DataLoader[Any]:
+    return DataLoader(batches, batch_size=None)

@@ -13,8 +13,7 @@ from torchmetrics import MeanSquaredError, MetricCollection
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
 
 from lightning_tbptt import BatchError, ConfigurationError, MaskedMetric, NoSegmentError, TBPTTCallback
-from tests.helpers import SequenceRegressor, make_trainer
-from tests.test_variable_length import LENGTHS, loader_of, padded_batches
+from tests.helpers import LENGTHS, SequenceRegressor, loader_of, make_trainer, padded_batches
 
 
 def random_steps(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torch.utils.data import DataLoader
 
 from lightning_tbptt import (
     BatchError,
@@ -17,32 +16,17 @@ from lightning_tbptt import (
     masked_mean,
 )
 from lightning_tbptt.state import detach_state
-from tests.helpers import LR, MOMENTUM, SequenceRegressor, fit_with_twin, make_trainer, parameters_equal
-
-GARBAGE = 1e3  # padded steps hold values that would ruin any result they leaked into
-
-
-def padded_batches(
-    lengths: list[list[int]], pad_to: int | None = None, input_size: int = 3, seed: int = 0
-) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(seed)
-    batches = []
-    for batch_lengths in lengths:
-        padded = pad_to or max(batch_lengths)
-        x = torch.full((len(batch_lengths), padded, input_size), GARBAGE, dtype=torch.float64)
-        y = torch.full((len(batch_lengths), padded, 1), GARBAGE, dtype=torch.float64)
-        for row, n in enumerate(batch_lengths):
-            x[row, :n] = torch.randn(n, input_size, generator=generator, dtype=torch.float64)
-            y[row, :n] = torch.cumsum(x[row, :n, :1], dim=0) / 5
-        batches.append({"x": x, "y": y, "lengths": torch.tensor(batch_lengths)})
-    return batches
-
-
-LENGTHS = [[23, 7, 12, 1], [9, 9, 3, 16], [5, 20, 11, 2]]
-
-
-def loader_of(batches: list[Any]) -> DataLoader[Any]:
-    return DataLoader(batches, batch_size=None)
+from tests.helpers import (
+    LENGTHS,
+    LR,
+    MOMENTUM,
+    SequenceRegressor,
+    fit_with_twin,
+    loader_of,
+    make_trainer,
+    padded_batches,
+    parameters_equal,
+)
 
 
 class MaskedRegressor(SequenceRegressor):
