@@ -16,6 +16,14 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
   values each time it logs (harmless when every hook runs once per batch). With several segments per batch that would
   drop the first batch's earlier segments from epoch aggregates, so it is turned off once the first segment has run.
 
+Public methods of the ``Strategy`` instance, shadowed by instance attributes in the same way (:class:`StrategyPatch`):
+
+* ``Strategy.batch_to_device(batch, device=None, dataloader_idx=0)`` — the loops call it once per batch, before the
+  step; while a segmented loop runs it returns the batch as it is (on the host), and each segment is moved to the
+  device by the original method right before it runs (so ``transfer_batch_to_device`` and ``on_after_batch_transfer``
+  run once per segment);
+* ``Strategy.validation_step``, ``test_step``, ``predict_step`` — each runs once per segment of an evaluation batch.
+
 Calling the original ``run`` once per segment gives every segment Lightning's whole automatic-optimisation path
 (precision plugin, gradient clipping, ``optimizer_step`` and every backward/optimizer hook). Whether a segment zeroes
 the gradients and whether it steps are decided per segment by overriding the two per-batch decisions
@@ -176,9 +184,7 @@ class TrainingLoopPatch:
         return self._run_batch(context, run_segment)
 
     def _set_log_weight(self, weight: int | None) -> None:
-        results = self._trainer._results
-        if results is not None:
-            results.batch_size = weight
+        set_log_weight(self._trainer, weight)
 
     def _after_segment(self) -> None:
         self._set_log_weight(None)
@@ -206,12 +212,88 @@ class TrainingLoopPatch:
         return not self._decision.step
 
 
+def set_log_weight(trainer: "pl.Trainer", weight: int | None) -> None:
+    """Weight the values logged from now on with ``on_epoch=True`` by ``weight`` (``None``: Lightning's batch size)."""
+    results = trainer._results
+    if results is not None:
+        results.batch_size = weight
+
+
+EVALUATION_STEPS = ("validation_step", "test_step", "predict_step")
+
+RunEvaluation = Callable[[str, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
+"""Runs one evaluation batch: the step's name, the original strategy step, and the step's arguments."""
+
+
+class StrategyPatch:
+    """Keeps batches on the host until their segments run, and runs evaluation steps through ``run_evaluation``.
+
+    Args:
+        trainer: The trainer whose strategy instance is patched.
+        keep_on_host: Called when the loop moves a batch to the device: ``True`` leaves it on the host (the segments
+            are moved one at a time with :meth:`to_device`).
+        run_evaluation: Runs one evaluation batch; ``None`` leaves the evaluation steps alone.
+
+    """
+
+    def __init__(
+        self,
+        trainer: "pl.Trainer",
+        keep_on_host: Callable[[], bool],
+        run_evaluation: RunEvaluation | None,
+    ) -> None:
+        self._strategy = trainer.strategy
+        self._keep_on_host = keep_on_host
+        self._run_evaluation = run_evaluation
+        self.dataloader_idx = 0
+        """The index of the dataloader of the last batch the loop asked to move."""
+        self._patches: list[tuple[str, Callable[..., Any]]] = [("batch_to_device", self._batch_to_device)]
+        if run_evaluation is not None:
+            self._patches += [(name, self._evaluation_step(name)) for name in EVALUATION_STEPS]
+
+    def install(self) -> None:
+        """Install the patches as instance attributes of the strategy."""
+        for name, function in self._patches:
+            setattr(self._strategy, name, function)
+
+    def remove(self) -> None:
+        """Remove the patches; the strategy falls back to its class methods. Safe to call more than once."""
+        for name, function in self._patches:
+            if vars(self._strategy).get(name) == function:
+                delattr(self._strategy, name)
+
+    def _original(self, name: str) -> Callable[..., Any]:
+        return getattr(type(self._strategy), name).__get__(self._strategy)
+
+    def to_device(self, batch: Any) -> Any:
+        """Move ``batch`` (a segment) to the device through the strategy and the module's transfer hooks."""
+        return self._original("batch_to_device")(batch, dataloader_idx=self.dataloader_idx)
+
+    def _batch_to_device(self, batch: Any, device: Any = None, dataloader_idx: int = 0) -> Any:
+        self.dataloader_idx = dataloader_idx
+        if device is None and self._keep_on_host():
+            return batch
+        return self._original("batch_to_device")(batch, device, dataloader_idx)
+
+    def _evaluation_step(self, name: str) -> Callable[..., Any]:
+        assert self._run_evaluation is not None
+        run = self._run_evaluation
+
+        def step(*args: Any, **kwargs: Any) -> Any:
+            return run(name, self._original(name), args, kwargs)
+
+        return step
+
+
 def patched_loop_attributes(trainer: "pl.Trainer") -> list[str]:
-    """Return the loop methods that are shadowed on the loop instances of ``trainer`` (empty when none is)."""
+    """Return the loop and strategy methods shadowed on the instances of ``trainer`` (empty when none is)."""
     owners = _owners(trainer)
-    return [
+    loops = [
         f"{owner}.{name}"
         for owner, names in _REQUIRED.items()
         for name in names
         if callable(vars(owners[owner]).get(name))
     ]
+    strategy = vars(trainer.strategy)
+    names = ("batch_to_device", *EVALUATION_STEPS)
+    return loops + [f"strategy.{name}" for name in names if callable(strategy.get(name))]

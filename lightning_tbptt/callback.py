@@ -1,22 +1,34 @@
 """``TBPTTCallback``: train an unmodified ``LightningModule`` on long sequences, segment by segment."""
 
+import dataclasses
 import inspect
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_tbptt._lightning_internals import BatchContext, RunSegment, TrainingLoopPatch
+from lightning_tbptt._lightning_internals import (
+    BatchContext,
+    RunSegment,
+    StrategyPatch,
+    TrainingLoopPatch,
+    set_log_weight,
+)
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
-from lightning_tbptt.plan import SegmentPlan, plan_custom_segments, plan_segments
+from lightning_tbptt.outputs import join_outputs
+from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.schedule import STEP_PER_CHOICES, OptimizationSchedule, StepPer
-from lightning_tbptt.segment import running
+from lightning_tbptt.segment import Segment, running
 from lightning_tbptt.split import split_batch
 from lightning_tbptt.state import StateCarrier, detach_state, find_recurrent_modules
 
@@ -27,6 +39,18 @@ def _check_positive_int(value: Any, argument: str, example: str) -> int:
             f"Expected argument `{argument}` to be a positive integer but got {value!r}. Pass the number of time"
             f" steps per segment, e.g. `{example}`."
         )
+    return value
+
+
+Transfer = Literal["segment", "batch"]
+TRANSFER_CHOICES: tuple[Transfer, ...] = ("segment", "batch")
+_TRAIN = "train"
+_EVAL = "eval"
+
+
+def _check_bool(value: Any, argument: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"Expected argument `{argument}` to be a bool but got {value!r}. Pass True or False.")
     return value
 
 
@@ -46,7 +70,9 @@ class TBPTTCallback(Callback):
     ``training_step`` runs once per segment, through Lightning's own automatic optimization, so gradient clipping,
     precision plugins, ``optimizer_step`` overrides, backward and optimizer hooks and LR schedulers keep working.
     The state of every ``torch.nn`` recurrent module (``LSTM``, ``GRU``, ``RNN``) called without a state is carried
-    from one segment to the next, detached; the first segment of each batch starts from zeros.
+    from one segment to the next, detached; the first segment of each batch starts from zeros (unless ``streaming``).
+    Validation, test and prediction batches are cut the same way (unless ``evaluate=False``), and only the running
+    segment is moved to the device (unless ``transfer="batch"``).
 
     Args:
         segment_length: Time steps per segment. ``None`` takes the module's ``truncated_bptt_steps`` attribute
@@ -68,6 +94,22 @@ class TBPTTCallback(Callback):
             (and from the carried state), so that the work follows the number of valid steps and no row of a segment
             has length 0. The model must then accept a batch size that shrinks from one segment to the next, and its
             loss must not count padding (e.g. :func:`~lightning_tbptt.masked_mean`).
+        streaming: Carry the state across batches too: row ``j`` of a batch continues row ``j`` of the previous batch
+            (a *lane*), as in the batches of :class:`~lightning_tbptt.data.LaneStream`. Every batch must then have the
+            same number of rows. The training state restarts from zeros at each epoch; each evaluation run (and
+            each evaluation dataloader) streams from zeros with its own state, so evaluating never disturbs the
+            training state.
+        resets: Where batches mark the start of new sequences (same kinds of places as ``lengths``): a boolean tensor
+            of shape ``(B,)`` (the row starts a new sequence at the batch's first step) or laid out like the
+            sequences, ``(B, T)`` or ``(T, B)``, ``True`` at each step where a new sequence starts. The state of that
+            row is zeroed exactly before that step, also in the middle of a segment (the recurrent call is split
+            there), so neither state nor gradient crosses the boundary.
+        evaluate: Cut validation, test and prediction batches into segments too, carrying the state, without
+            gradients (``True``, default). ``False`` leaves evaluation to Lightning (one call per batch).
+        transfer: ``"segment"`` (default): batches stay on the host and each segment is moved to the device right
+            before it runs, through the strategy and the module's ``transfer_batch_to_device`` and
+            ``on_after_batch_transfer`` hooks (``on_before_batch_transfer`` still runs once per batch). ``"batch"``:
+            Lightning moves the whole batch before it is cut.
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -92,6 +134,10 @@ class TBPTTCallback(Callback):
         exclude_modules: Sequence[str] = (),
         lengths: LengthsSpec | None = None,
         drop_finished: bool = False,
+        streaming: bool = False,
+        resets: LengthsSpec | None = None,
+        evaluate: bool = True,
+        transfer: Transfer = "segment",
     ) -> None:
         if segment_length is not None:
             _check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
@@ -105,23 +151,35 @@ class TBPTTCallback(Callback):
                 f"Expected argument `step_per` to be one of {STEP_PER_CHOICES} but got {step_per!r}. Use 'segment'"
                 " for a step after every segment or 'batch' for one step per batch."
             )
+        if transfer not in TRANSFER_CHOICES:
+            raise ConfigurationError(
+                f"Expected argument `transfer` to be one of {TRANSFER_CHOICES} but got {transfer!r}. Use 'segment' to"
+                " move one segment at a time to the device or 'batch' to let Lightning move whole batches."
+            )
         self.segment_length = segment_length
         self.time_dim = time_dim
         self.step_per: StepPer = step_per
         self.recurrent_modules = _check_names(recurrent_modules, "recurrent_modules")
         self.exclude_modules = _check_names(exclude_modules, "exclude_modules")
-        if not isinstance(drop_finished, bool):
-            raise ConfigurationError(
-                f"Expected argument `drop_finished` to be a bool but got {drop_finished!r}. Pass True or False."
-            )
+        self.drop_finished = _check_bool(drop_finished, "drop_finished")
+        self.streaming = _check_bool(streaming, "streaming")
+        self.evaluate = _check_bool(evaluate, "evaluate")
+        self.transfer: Transfer = transfer
         if drop_finished and lengths is None:
             raise ConfigurationError(
                 "Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be"
                 " dropped once their sequence is known to have ended. Pass e.g. `lengths='lengths'`."
             )
+        if drop_finished and streaming:
+            raise ConfigurationError(
+                "`TBPTTCallback(drop_finished=True)` cannot be combined with `streaming=True`: a dropped row's lane"
+                " would have no state in the next batch. Use `drop_finished=False`; mark where a lane's next sequence"
+                " starts with `resets`."
+            )
         self.lengths = lengths
-        self.drop_finished = drop_finished
+        self.resets = resets
         self._lengths = None if lengths is None else LengthsLocation(lengths)
+        self._resets = None if resets is None else LengthsLocation(resets, argument="resets")
         self._fit_segment_length = 0
         self._takes_hiddens = False
         self._split_with_module = False
@@ -129,7 +187,17 @@ class TBPTTCallback(Callback):
         self._schedule: OptimizationSchedule | None = None
         self._carrier: StateCarrier | None = None
         self._patch: TrainingLoopPatch | None = None
+        self._strategy_patch: StrategyPatch | None = None
         self._trainer: pl.Trainer | None = None
+        # streams of batches: rows per batch, and rows whose sequence ended before their batch did
+        self._lanes: dict[str, int] = {}
+        self._unfinished: dict[str, Tensor | None] = {}
+        self._eval_dataloader: int | None = None
+        # position in the training epoch, for checkpoints
+        self._epoch = 0
+        self._batches_done = 0
+        self._num_batches: float = 0
+        self._restored: dict[str, Any] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -138,7 +206,7 @@ class TBPTTCallback(Callback):
         )
 
     def split_batch(self, batch: Any, segment_length: int) -> Sequence[Any]:
-        """Cut one training batch into the segments passed, in order, to ``training_step``.
+        """Cut one batch (of training, validation, test or prediction) into the segments run, in order.
 
         Override this method to take over splitting. The default cuts every sequence tensor into views of
         ``segment_length`` steps along ``time_dim`` (see :mod:`lightning_tbptt.split`). A ``LightningModule`` that
@@ -146,7 +214,7 @@ class TBPTTCallback(Callback):
         unless this method is overridden too.
 
         Args:
-            batch: The batch as Lightning passes it to ``training_step`` (already on the device).
+            batch: The batch as Lightning passes it to the step (on the host with ``transfer="segment"``).
             segment_length: The segment length of this fit.
 
         Returns:
@@ -154,6 +222,19 @@ class TBPTTCallback(Callback):
 
         """
         return split_batch(batch, segment_length, self.time_dim)
+
+    @property
+    def resume_batch(self) -> int:
+        """How many batches of the current training epoch the checkpoint being resumed had already trained.
+
+        0 unless a fit resumes from a checkpoint saved in the middle of an epoch. A data pipeline that streams lanes
+        (e.g. :class:`~lightning_tbptt.data.LaneDataModule`) starts its next training iteration at this batch, so
+        that the carried state and the data line up exactly as in an uninterrupted run.
+        """
+        restored = self._restored
+        if restored is None or not restored.get("mid_epoch", False):
+            return 0
+        return int(restored["batches_done"])
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -163,8 +244,6 @@ class TBPTTCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # The loop is patched here rather than in `on_fit_start`: tuner callbacks (`LearningRateFinder`,
         # `BatchSizeFinder`) run their trial fits in their own `on_fit_start`, which Lightning calls before ours.
-        if stage != "fit":
-            return
         self._teardown()
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
         count = sum(isinstance(callback, TBPTTCallback) for callback in callbacks)
@@ -173,18 +252,20 @@ class TBPTTCallback(Callback):
                 f"Expected one `TBPTTCallback` in `Trainer(callbacks=...)` but got {count}. Keep a single instance"
                 " with the segment length and options you want."
             )
+        if stage != "fit" and not self.evaluate:
+            return
         self._fit_segment_length = self._resolve_segment_length(pl_module)
-        self._check_module(pl_module)
-        if self.step_per == "batch" and trainer.strategy.handles_gradient_accumulation:
-            raise ConfigurationError(
-                f"`TBPTTCallback(step_per='batch')` cannot work with the strategy {type(trainer.strategy).__name__}:"
-                " it accumulates gradients itself and steps after every segment. Use `step_per='segment'` or"
-                " another strategy."
-            )
-        self._schedule = OptimizationSchedule()
+        self._check_splitting(pl_module)
         self._trainer = trainer
-        self._patch = TrainingLoopPatch(trainer, self._run_batch)
-        self._patch.install()
+        if stage == "fit":
+            self._check_training(trainer, pl_module)
+            self._schedule = OptimizationSchedule()
+            self._patch = TrainingLoopPatch(trainer, self._run_batch)
+            self._patch.install()
+        self._strategy_patch = StrategyPatch(
+            trainer, self._keeps_on_host, self._run_evaluation if self.evaluate else None
+        )
+        self._strategy_patch.install()
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -192,8 +273,35 @@ class TBPTTCallback(Callback):
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        restored, self._restored = self._restored, None
+        if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
+            self._resume(trainer, restored)
+            return
         if self._schedule is not None:
             self._schedule.reset()
+        self._reset_stream(_TRAIN)
+        self._epoch = trainer.current_epoch
+        self._batches_done = 0
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._epoch = trainer.current_epoch
+        self._batches_done += 1
+        self._num_batches = trainer.num_training_batches
+
+    @override
+    def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._reset_stream(_EVAL)
+
+    @override
+    def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._reset_stream(_EVAL)
+
+    @override
+    def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._reset_stream(_EVAL)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -207,8 +315,32 @@ class TBPTTCallback(Callback):
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._teardown()
 
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "epoch": self._epoch,
+            "batches_done": self._batches_done,
+            "mid_epoch": 0 < self._batches_done < self._num_batches,
+            "accumulated": 0 if self._schedule is None else self._schedule.accumulated,
+            "streaming": self.streaming,
+        }
+        if self.streaming and self._carrier is not None:
+            state["lanes"] = self._lanes.get(_TRAIN)
+            state["carried"] = self._carrier.carried_in(_TRAIN)
+            state["unfinished"] = self._unfinished.get(_TRAIN)
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("streaming", False) != self.streaming:
+            raise ConfigurationError(
+                f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={self.streaming})` but it"
+                f" was saved with `streaming={state_dict.get('streaming', False)}`. Resume with the same setting."
+            )
+        self._restored = dict(state_dict)
+
     # ----------------------------------------------------------------------------------------------------------------
-    # Checks at fit start
+    # Checks at set-up
     # ----------------------------------------------------------------------------------------------------------------
 
     def _resolve_segment_length(self, pl_module: "pl.LightningModule") -> int:
@@ -223,7 +355,25 @@ class TBPTTCallback(Callback):
             )
         return _check_positive_int(steps, "truncated_bptt_steps", "self.truncated_bptt_steps = 64")
 
-    def _check_module(self, pl_module: "pl.LightningModule") -> None:
+    def _check_splitting(self, pl_module: "pl.LightningModule") -> None:
+        module_splits = callable(getattr(pl_module, "tbptt_split_batch", None))
+        callback_splits = type(self).split_batch is not TBPTTCallback.split_batch
+        if module_splits and callback_splits:
+            raise ConfigurationError(
+                f"Both `{type(self).__name__}.split_batch` and `{type(pl_module).__name__}.tbptt_split_batch` are"
+                " defined, so it is unclear which one cuts the batches. Keep only one of them."
+            )
+        self._split_with_module = module_splits
+        self._custom_split = module_splits or callback_splits
+        for argument, value in (("lengths", self.lengths), ("resets", self.resets)):
+            if value is not None and self._custom_split:
+                splitter = "tbptt_split_batch" if module_splits else "split_batch"
+                raise ConfigurationError(
+                    f"`TBPTTCallback({argument}={value!r})` cannot be combined with a custom `{splitter}`: the start"
+                    f" of its segments in the batch is unknown, so their {argument} are too. Drop one of the two."
+                )
+
+    def _check_training(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         step = pl_module.training_step
         if is_param_in_hook_signature(step, "dataloader_iter", explicit=True):
             raise ModelError(
@@ -240,25 +390,22 @@ class TBPTTCallback(Callback):
                     f" `batch` and `batch_idx` but got `training_step{inspect.signature(step)}`. Use"
                     " `training_step(self, batch, batch_idx, hiddens)`."
                 )
-        module_splits = callable(getattr(pl_module, "tbptt_split_batch", None))
-        callback_splits = type(self).split_batch is not TBPTTCallback.split_batch
-        if module_splits and callback_splits:
+            for argument, value in (
+                ("drop_finished", self.drop_finished),
+                ("streaming", self.streaming),
+                ("resets", self.resets),
+            ):
+                if value not in (False, None):
+                    raise ConfigurationError(
+                        f"`TBPTTCallback({argument}={value!r})` cannot work with `hiddens`, whose layout the callback"
+                        " does not know. Let the callback carry the RNN state (drop the `hiddens` argument of"
+                        f" `training_step`), or do not set `{argument}`."
+                    )
+        if self.step_per == "batch" and trainer.strategy.handles_gradient_accumulation:
             raise ConfigurationError(
-                f"Both `{type(self).__name__}.split_batch` and `{type(pl_module).__name__}.tbptt_split_batch` are"
-                " defined, so it is unclear which one cuts the batches. Keep only one of them."
-            )
-        self._split_with_module = module_splits
-        self._custom_split = module_splits or callback_splits
-        if self.lengths is not None and self._custom_split:
-            splitter = "tbptt_split_batch" if module_splits else "split_batch"
-            raise ConfigurationError(
-                f"`TBPTTCallback(lengths={self.lengths!r})` cannot be combined with a custom `{splitter}`: the start of"
-                " its segments in the batch is unknown, so their lengths are too. Drop one of the two."
-            )
-        if self.drop_finished and self._takes_hiddens:
-            raise ConfigurationError(
-                "`TBPTTCallback(drop_finished=True)` cannot drop finished rows from `hiddens`, whose layout it does not"
-                " know. Use `drop_finished=False`, or let the callback carry the RNN state (no `hiddens` argument)."
+                f"`TBPTTCallback(step_per='batch')` cannot work with the strategy {type(trainer.strategy).__name__}:"
+                " it accumulates gradients itself and steps after every segment. Use `step_per='segment'` or"
+                " another strategy."
             )
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +420,7 @@ class TBPTTCallback(Callback):
                 time_dim=self.time_dim,
                 lengths=self._lengths,
                 drop_finished=self.drop_finished,
+                resets=self._resets,
             )
         assert self._trainer is not None
         if self._split_with_module:
@@ -302,8 +450,73 @@ class TBPTTCallback(Callback):
                     " is carried between segments. Name custom recurrent modules in"
                     " `TBPTTCallback(recurrent_modules=[...])`."
                 )
-            self._carrier = StateCarrier(modules)
+            self._carrier = StateCarrier(modules, time_dim=self.time_dim)
         return self._carrier
+
+    def _keeps_on_host(self) -> bool:
+        trainer = self._trainer
+        if self.transfer != "segment" or trainer is None:
+            return False
+        if trainer.training:
+            return self._patch is not None
+        return self.evaluate
+
+    def _reset_stream(self, stream: str) -> None:
+        if self._carrier is not None:
+            self._carrier.reset(stream)
+        self._lanes.pop(stream, None)
+        self._unfinished.pop(stream, None)
+        if stream == _EVAL:
+            self._eval_dataloader = None
+
+    def _begin_batch(self, stream: str, plan: SegmentPlan) -> None:
+        """Start a batch of ``stream``: a fresh state, or in streaming mode check that the lanes continue."""
+        if not self.streaming:
+            self._reset_stream(stream)
+            return
+        rows = plan.batch_size
+        lanes = self._lanes.get(stream)
+        if lanes is not None and rows and rows != lanes:
+            raise BatchError(
+                f"Expected every batch to have the same number of rows (lanes) with `TBPTTCallback(streaming=True)`,"
+                f" since row j continues row j of the previous batch, but got a batch of {rows} rows after batches of"
+                f" {lanes}. Give every batch the same rows: `DataLoader(..., drop_last=True)`, or a fixed number of"
+                " lanes (`lightning_tbptt.data.LaneStream`)."
+            )
+        unfinished = self._unfinished.get(stream)
+        if unfinished is not None and bool(unfinished.any()):
+            restarted = plan.first_starts if plan.first_starts is not None else torch.zeros_like(unfinished)
+            missing = torch.nonzero(unfinished & ~restarted).flatten().tolist()
+            if missing:
+                raise BatchError(
+                    f"Expected the rows {missing[:10]} whose sequence ended before the end of the previous batch"
+                    " (their lengths were shorter than the batch) to start a new sequence at this batch's first step,"
+                    " but their reset markers are not set, so their carried state would include padding. Set"
+                    " `resets` and mark those rows' first step, or end sequences only where batches end."
+                )
+        if rows:
+            self._lanes[stream] = rows
+        self._unfinished[stream] = None if plan.lengths is None else plan.lengths < plan.time_length
+
+    def _prepare(self, planned: PlannedSegment) -> tuple[Any, Segment]:
+        """Move a segment to the device when batches stay on the host; its info then describes it there."""
+        if not self._keeps_on_host():
+            return planned.batch, planned.info
+        assert self._strategy_patch is not None
+        assert self._trainer is not None
+        batch = self._strategy_patch.to_device(planned.batch)
+        info = planned.info
+        device = self._trainer.strategy.root_device
+        if info.device != device:
+            lengths = None if info.lengths is None else info.lengths.to(device, non_blocking=True)
+            info = dataclasses.replace(info, lengths=lengths, device=device)
+        return batch, info
+
+    @contextmanager
+    def _running(self, info: Segment, stream: str) -> Iterator[None]:
+        carrier = self._ensure_carrier()
+        with carrier.segment(info.rows, info.batch_size, info.starts, stream), running(info):
+            yield
 
     def _run_batch(self, context: BatchContext, run_segment: RunSegment) -> dict[str, Any]:
         assert self._trainer is not None
@@ -315,15 +528,14 @@ class TBPTTCallback(Callback):
             )
         trainer = self._trainer
         plan = self._plan(context.kwargs["batch"])
-        carrier = self._ensure_carrier()
-        carrier.reset()
+        self._begin_batch(_TRAIN, plan)
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
         hiddens = None
         output: dict[str, Any] = {}
         for planned in plan:
             index = planned.info.index
             kwargs = OrderedDict(context.kwargs)
-            kwargs["batch"] = planned.batch
+            kwargs["batch"], info = self._prepare(planned)
             if self._takes_hiddens:
                 kwargs["hiddens"] = hiddens
             decision = None
@@ -336,13 +548,45 @@ class TBPTTCallback(Callback):
                     batch_zeroes=context.batch_zeroes,
                     batch_steps=context.batch_steps,
                 )
-            with carrier.segment(planned.info.rows, planned.info.batch_size), running(planned.info):
-                output = run_segment(kwargs, decision, planned.info.num_valid)
+            with self._running(info, _TRAIN):
+                output = run_segment(kwargs, decision, info.num_valid)
             if self._takes_hiddens:
                 hiddens = self._returned_hiddens(output, index)
             if 0 <= trainer.max_steps <= trainer.global_step:
                 break
         return output
+
+    def _run_evaluation(
+        self, name: str, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        assert self._trainer is not None
+        trainer = self._trainer
+        module_step = getattr(trainer.lightning_module, name)
+        if not args or is_param_in_hook_signature(module_step, "dataloader_iter", explicit=True):
+            raise ModelError(
+                f"`TBPTTCallback` cannot cut the batches of `{name}`, which fetches its own batches from a"
+                f" `dataloader_iter`. Take `{name}(batch, batch_idx)` instead, or pass `TBPTTCallback(evaluate=False)`."
+            )
+        batch, rest = args[0], args[1:]
+        if self.streaming:
+            dataloader = rest[1] if len(rest) > 1 else kwargs.get("dataloader_idx", 0)
+            if dataloader != self._eval_dataloader:
+                self._reset_stream(_EVAL)
+                self._eval_dataloader = dataloader
+        plan = self._plan(batch)
+        self._begin_batch(_EVAL, plan)
+        outputs: list[Any] = []
+        segments: list[Segment] = []
+        for planned in plan:
+            segment_batch, info = self._prepare(planned)
+            with self._running(info, _EVAL):
+                set_log_weight(trainer, info.num_valid)
+                try:
+                    outputs.append(step(segment_batch, *rest, **kwargs))
+                finally:
+                    set_log_weight(trainer, None)
+            segments.append(info)
+        return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
 
     def _returned_hiddens(self, output: dict[str, Any], index: int) -> Any:
         if "hiddens" not in output:
@@ -354,12 +598,41 @@ class TBPTTCallback(Callback):
         output["hiddens"] = detach_state(output["hiddens"])
         return output["hiddens"]
 
+    def _resume(self, trainer: "pl.Trainer", restored: dict[str, Any]) -> None:
+        """Continue the epoch of a checkpoint saved mid-epoch: its position, accumulation and carried state."""
+        self._epoch = int(restored["epoch"])
+        self._batches_done = int(restored["batches_done"])
+        if self._schedule is not None:
+            self._schedule.accumulated = int(restored.get("accumulated", 0))
+        self._reset_stream(_TRAIN)
+        if not self.streaming:
+            return
+        device = trainer.strategy.root_device
+        carried = restored.get("carried") or {}
+        carrier = self._ensure_carrier()
+        missing = sorted(set(carried) - set(carrier.modules))
+        if missing:
+            raise ConfigurationError(
+                f"Expected the checkpoint's carried state to belong to this model's recurrent modules"
+                f" {sorted(carrier.modules)} but it holds the state of {missing}. Resume with the model (and"
+                " `recurrent_modules`/`exclude_modules`) the checkpoint was saved with."
+            )
+        carrier.restore(_TRAIN, apply_to_collection(carried, Tensor, lambda t: t.to(device)))
+        if restored.get("lanes"):
+            self._lanes[_TRAIN] = int(restored["lanes"])
+        unfinished = restored.get("unfinished")
+        self._unfinished[_TRAIN] = None if unfinished is None else unfinished.cpu()
+
     def _teardown(self) -> None:
-        if self._patch is not None:
-            self._patch.remove()
-            self._patch = None
+        for patch in (self._patch, self._strategy_patch):
+            if patch is not None:
+                patch.remove()
+        self._patch = None
+        self._strategy_patch = None
         if self._carrier is not None:
             self._carrier.remove()
             self._carrier = None
         self._schedule = None
         self._trainer = None
+        self._lanes.clear()
+        self._unfinished.clear()

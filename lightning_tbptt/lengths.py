@@ -46,23 +46,26 @@ class LengthsLocation:
 
     Args:
         spec: See the module documentation.
+        argument: The callback argument ``spec`` came from, for messages (the same kinds of places name the reset
+            markers, ``resets=...``).
 
     Raises:
         ConfigurationError: If ``spec`` is none of the accepted forms.
 
     """
 
-    def __init__(self, spec: LengthsSpec) -> None:
+    def __init__(self, spec: LengthsSpec, argument: str = "lengths") -> None:
         self.spec = spec
+        self.argument = argument
         if callable(spec) and not isinstance(spec, (str, int, tuple)):
             self.path: tuple[Key, ...] | None = None
         else:
             path = spec if isinstance(spec, tuple) else (spec,)
             if not path or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in path):
                 raise ConfigurationError(
-                    f"Expected argument `lengths` to be a key, an index, a tuple of keys and indices, or a callable but"
-                    f" got {spec!r}. Pass e.g. `lengths='lengths'` for a dict batch or `lengths=2` for `(x, y,"
-                    " lengths)`."
+                    f"Expected argument `{argument}` to be a key, an index, a tuple of keys and indices, or a callable"
+                    f" but got {spec!r}. Pass e.g. `{argument}={argument!r}` for a dict batch or `{argument}=2` for"
+                    f" `(x, y, {argument})`."
                 )
             self.path = path
 
@@ -75,7 +78,7 @@ class LengthsLocation:
         """The place as Python code, for messages: ``batch['lengths']``, ``batch[2]``, ``f(batch)``."""
         if self.path is None:
             name = getattr(self.spec, "__name__", "<lambda>")
-            return "the `lengths` callable's result" if name == "<lambda>" else f"{name}(batch)"
+            return f"the `{self.argument}` callable's result" if name == "<lambda>" else f"{name}(batch)"
         return "batch" + "".join(f"[{k!r}]" for k in self.path)
 
     def get(self, batch: Any) -> Tensor:
@@ -88,8 +91,8 @@ class LengthsLocation:
                 value = self._child(value, key)
         if not isinstance(value, Tensor):
             raise BatchError(
-                f"Expected the lengths at {self.describe()} to be a tensor but got {type(value).__name__}. Return the"
-                " lengths as a 1-D integer tensor from your collate function."
+                f"Expected the {self.argument} at {self.describe()} to be a tensor but got {type(value).__name__}."
+                f" Return the {self.argument} as a tensor from your collate function."
             )
         return value
 
@@ -100,8 +103,11 @@ class LengthsLocation:
         return self._replace(batch, self.path, value)
 
     def _child(self, container: Any, key: Key) -> Any:
-        where = f"Expected the batch to hold lengths at {self.describe()} (from `TBPTTCallback(lengths={self.spec!r})`)"
-        fix = "Set `lengths` to where your collate function puts them."
+        where = (
+            f"Expected the batch to hold {self.argument} at {self.describe()} (from"
+            f" `TBPTTCallback({self.argument}={self.spec!r})`)"
+        )
+        fix = f"Set `{self.argument}` to where your collate function puts them."
         if isinstance(container, Mapping):
             if key not in container:
                 raise BatchError(

@@ -46,9 +46,27 @@ class PlannedSegment:
 class SegmentPlan:
     """The segments of one batch, built one at a time as it is iterated; its length is known up front."""
 
-    def __init__(self, count: int, build: Callable[[], Iterator[PlannedSegment]]) -> None:
+    def __init__(
+        self,
+        count: int,
+        build: Callable[[], Iterator[PlannedSegment]],
+        *,
+        batch_size: int = 0,
+        time_length: int = 0,
+        lengths: torch.Tensor | None = None,
+        first_starts: torch.Tensor | None = None,
+    ) -> None:
         self._count = count
         self._build = build
+        self.batch_size = batch_size
+        """Number of rows of the batch (0 when a custom split cut it)."""
+        self.time_length = time_length
+        """Padded number of time steps of the batch (0 when a custom split cut it)."""
+        self.lengths = lengths
+        """The batch's lengths on the CPU, or ``None``."""
+        self.first_starts = first_starts
+        """``(B,)`` boolean, on the CPU: the rows that start a new sequence at the batch's first step; ``None`` when the
+        batch has no reset markers."""
 
     def __len__(self) -> int:
         return self._count
@@ -62,6 +80,28 @@ def _rows_of(batch: Any, time_dim: int) -> tuple[int, torch.device]:
     return sequence.shape[batch_dim(time_dim)], sequence.device
 
 
+def _strip(batch: Any, location: LengthsLocation) -> Any:
+    return location.replace(batch, None)
+
+
+def _check_starts(starts: torch.Tensor, where: str, batch_size: int, padded: int, time_dim: int) -> torch.Tensor:
+    """Validate reset markers and return them as a ``(B, T)`` boolean tensor on the CPU."""
+    layout = (batch_size, padded) if time_dim != 0 else (padded, batch_size)
+    if starts.dtype != torch.bool or tuple(starts.shape) not in ((batch_size,), layout):
+        raise BatchError(
+            f"Expected the reset markers at {where} to be a boolean tensor of shape ({batch_size},) (a new sequence"
+            f" starts at the batch's first step) or {layout} (laid out like the sequences: True where a new sequence"
+            f" starts) but got a {starts.dtype} tensor of shape {tuple(starts.shape)}. Build them with e.g."
+            " `torch.zeros(B, T, dtype=torch.bool)` and set True at each sequence's first step."
+        )
+    on_cpu = starts.detach().cpu()
+    if on_cpu.dim() == 1:
+        full = torch.zeros(batch_size, padded, dtype=torch.bool)
+        full[:, 0] = on_cpu
+        return full
+    return on_cpu.t() if time_dim == 0 else on_cpu
+
+
 def plan_segments(
     batch: Any,
     segment_length: int,
@@ -69,68 +109,109 @@ def plan_segments(
     time_dim: int = 1,
     lengths: LengthsLocation | None = None,
     drop_finished: bool = False,
+    resets: LengthsLocation | None = None,
 ) -> SegmentPlan:
     """Plan the segments of ``batch`` (see the module documentation).
 
+    Args:
+        batch: The batch to cut.
+        segment_length: Time steps per segment.
+        time_dim: The time dimension of sequence tensors.
+        lengths: Where the batch holds its sequences' lengths, or ``None`` (every step is valid).
+        drop_finished: With ``lengths``, keep in each segment only the rows whose sequence has not ended.
+        resets: Where the batch holds its reset markers (a boolean ``(B,)`` flag per row, or ``(B, T)`` /
+            ``(T, B)`` markers laid out like the sequences), or ``None``. Each segment gets its own slice of the
+            markers in their place, and :attr:`Segment.starts`.
+
     Raises:
         BatchError: If the batch cannot be split (see :func:`~lightning_tbptt.split.sequence_length`), its lengths
-            are missing or invalid (see :func:`~lightning_tbptt.lengths.check_lengths`), or every sequence is empty.
+            are missing or invalid (see :func:`~lightning_tbptt.lengths.check_lengths`), its reset markers have the
+            wrong shape or dtype, or every sequence is empty.
 
     """
-    if lengths is None:
-        padded = sequence_length(batch, time_dim)
-        rows, device = _rows_of(batch, time_dim)
-        bounds = segment_bounds(padded, segment_length)
-
-        def build_plain() -> Iterator[PlannedSegment]:
-            for index, (start, stop) in enumerate(bounds):
-                info = Segment(index, len(bounds), start, stop - start, time_dim, batch_size=rows, device=device)
-                yield PlannedSegment(slice_batch(batch, start, stop, time_dim), info)
-
-        return SegmentPlan(len(bounds), build_plain)
-
-    full = lengths.get(batch)
-    stripped = lengths.replace(batch, None)
+    stripped = batch
+    for location in (lengths, resets):
+        if location is not None:
+            stripped = _strip(stripped, location)
     try:
-        padded = sequence_length(stripped, time_dim, hint_custom_split=False)
+        padded = sequence_length(stripped, time_dim, hint_custom_split=lengths is None and resets is None)
     except BatchError as error:
-        if lengths.writable:
+        read_only = [f"`{loc.argument}`" for loc in (lengths, resets) if loc is not None and not loc.writable]
+        if not read_only:
             raise
         raise BatchError(
-            f"{error} With a callable `lengths` the lengths tensor stays in the batch; pass its key or index instead,"
-            " so that it is taken out before the batch is cut."
+            f"{error} With a callable {' and '.join(read_only)} the tensor stays in the batch; pass its key or index"
+            " instead, so that it is taken out before the batch is cut."
         ) from None
     rows, device = _rows_of(stripped, time_dim)
-    on_cpu = check_lengths(full, where=lengths.describe(), batch_size=rows, padded_length=padded)
-    # int64 (no unsigned wrap-around in `length - start`) and on the sequences' device (where the mask is used)
-    full_long = full.to(device=device, dtype=torch.long, non_blocking=True)
-    on_cpu = on_cpu.long()
-    longest = int(on_cpu.max())
-    if longest == 0:
-        raise BatchError(
-            f"Expected at least one sequence of the batch to have a time step but every length at"
-            f" {lengths.describe()} is 0. Remove empty sequences from your DataLoader."
-        )
+    full = on_cpu = None
+    longest = padded
+    if lengths is not None:
+        full = lengths.get(batch)
+        on_cpu = check_lengths(full, where=lengths.describe(), batch_size=rows, padded_length=padded).long()
+        longest = int(on_cpu.max())
+        if longest == 0:
+            raise BatchError(
+                f"Expected at least one sequence of the batch to have a time step but every length at"
+                f" {lengths.describe()} is 0. Remove empty sequences from your DataLoader."
+            )
+    starts = given_starts = None
+    if resets is not None:
+        given_starts = resets.get(batch)
+        starts = _check_starts(given_starts, resets.describe(), rows, padded, time_dim)
     bounds = segment_bounds(longest, segment_length)
+    # int64 (no unsigned wrap-around in `length - start`) and on the sequences' device (where the mask is used)
+    full_long = None if full is None else full.to(device=device, dtype=torch.long, non_blocking=True)
 
-    def build_with_lengths() -> Iterator[PlannedSegment]:
+    def build() -> Iterator[PlannedSegment]:
         for index, (start, stop) in enumerate(bounds):
             size = stop - start
-            valid_cpu = segment_lengths(on_cpu, start, size)
-            valid = segment_lengths(full_long, start, size)
             active = None
-            if drop_finished and bool((on_cpu <= start).any()):
+            if on_cpu is not None and drop_finished and bool((on_cpu <= start).any()):
                 active = torch.nonzero(on_cpu > start).flatten()
-                valid_cpu = valid_cpu[active]
-                valid = valid.index_select(0, active.to(device, non_blocking=True))
-            # written back into the batch with the dtype and on the device the batch had them
-            in_batch = valid.to(device=full.device, dtype=full.dtype, non_blocking=True)
-            data = lengths.replace(slice_batch(stripped, start, stop, time_dim, active), in_batch)
-            num_valid = int(valid_cpu.sum())  # from the CPU copy: no device synchronisation
-            info = Segment(index, len(bounds), start, size, time_dim, lengths=valid, rows=active, num_valid=num_valid)
+            data = slice_batch(stripped, start, stop, time_dim, active)
+            valid = num_valid = None
+            if full is not None and on_cpu is not None and full_long is not None and lengths is not None:
+                valid_cpu = segment_lengths(on_cpu, start, size)
+                valid = segment_lengths(full_long, start, size)
+                if active is not None:
+                    valid_cpu = valid_cpu[active]
+                    valid = valid.index_select(0, active.to(device, non_blocking=True))
+                # written back into the batch with the dtype and on the device the batch had them
+                data = lengths.replace(data, valid.to(device=full.device, dtype=full.dtype, non_blocking=True))
+                num_valid = int(valid_cpu.sum())  # from the CPU copy: no device synchronisation
+            segment_starts = None
+            if starts is not None and given_starts is not None and resets is not None:
+                segment_starts = starts[:, start:stop] if active is None else starts[active, start:stop]
+                data = resets.replace(data, _starts_in_batch(given_starts, segment_starts, index, active, time_dim))
+            info = Segment(
+                index,
+                len(bounds),
+                start,
+                size,
+                time_dim,
+                lengths=valid,
+                rows=active,
+                batch_size=rows if active is None else active.numel(),
+                device=device,
+                num_valid=-1 if num_valid is None else num_valid,
+                starts=segment_starts,
+            )
             yield PlannedSegment(data, info)
 
-    return SegmentPlan(len(bounds), build_with_lengths)
+    first = None if starts is None else starts[:, 0].clone()
+    return SegmentPlan(len(bounds), build, batch_size=rows, time_length=padded, lengths=on_cpu, first_starts=first)
+
+
+def _starts_in_batch(
+    given: torch.Tensor, segment_starts: torch.Tensor, index: int, rows: torch.Tensor | None, time_dim: int
+) -> torch.Tensor:
+    """The markers a segment's batch holds: in the form, dtype and device the batch had them."""
+    if given.dim() == 1:
+        flags = segment_starts[:, 0] if index == 0 else torch.zeros(segment_starts.shape[0], dtype=torch.bool)
+        return flags.to(given.device, non_blocking=True)
+    laid_out = segment_starts.t() if time_dim == 0 else segment_starts
+    return laid_out.to(given.device, non_blocking=True)
 
 
 def plan_custom_segments(segments: Sequence[Any], time_dim: int, source: str) -> SegmentPlan:

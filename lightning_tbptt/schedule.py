@@ -58,6 +58,15 @@ class OptimizationSchedule:
         """Start a new epoch: no segment is accumulated."""
         self._accumulated = 0
 
+    @property
+    def accumulated(self) -> int:
+        """Segments whose gradients were accumulated since the last optimizer step."""
+        return self._accumulated
+
+    @accumulated.setter
+    def accumulated(self, value: int) -> None:
+        self._accumulated = value
+
     def decide(
         self,
         step_per: StepPer,

@@ -57,6 +57,9 @@ class Segment:
     """Device of the segment's tensors (where :attr:`mask` is created)."""
     num_valid: int = -1
     """Number of valid time steps, the number of ``True`` in :attr:`mask` (derived when not given)."""
+    starts: Tensor | None = None
+    """Boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new sequence (its recurrent state is
+    zeroed right before that step); ``None`` when the batch has no reset markers."""
 
     def __post_init__(self) -> None:
         if self.lengths is not None:

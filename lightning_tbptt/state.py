@@ -147,22 +147,62 @@ def _state_argument(name: str, module: nn.Module) -> str:
     return parameters[1].name
 
 
+class _Stream:
+    """The carried state of one stream of batches (training, or evaluation)."""
+
+    def __init__(self) -> None:
+        self.carried: dict[str, Any] = {}
+        self.rows: dict[str, tuple[Tensor | None, int]] = {}
+
+    def clear(self) -> None:
+        self.carried.clear()
+        self.rows.clear()
+
+
+class _Resets:
+    """Where, inside one segment, lanes start a new sequence.
+
+    ``first`` is the ``(B,)`` mask of rows whose state is zeroed before the segment's first step; ``cuts`` lists the
+    later steps ``c`` at which some rows start anew, with the ``(B,)`` mask of those rows.
+    """
+
+    def __init__(self, starts: Tensor) -> None:
+        self.length = starts.shape[1]
+        first = starts[:, 0]
+        self.first = first if bool(first.any()) else None
+        columns = torch.nonzero(starts[:, 1:].any(dim=0)).flatten() + 1
+        self.cuts = [(int(c), starts[:, int(c)]) for c in columns]
+
+
 class StateCarrier:
     """Carries the state of the given modules across segments through forward hooks.
 
+    The state is kept per *stream*: training and evaluation carry their own states, so that validating in the middle of
+    a training epoch never disturbs the training state (and the reverse).
+
     Args:
         modules: The modules to carry, by name (see :func:`find_recurrent_modules`).
+        time_dim: The time dimension of the inputs of custom recurrent modules (``torch.nn`` RNNs: from their
+            ``batch_first``); only used to split a call at a reset inside a segment.
 
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module]) -> None:
-        self.carried: dict[str, Any] = {}
+    def __init__(self, modules: Mapping[str, nn.Module], time_dim: int = 1) -> None:
+        self.modules = dict(modules)
+        """The carried modules, by name."""
+        self._streams: dict[str, _Stream] = {}
+        self._stream = self._stream_named("train")
         self._pending: dict[str, Any] = {}
+        self._pieces: dict[str, tuple[list[Tensor], int]] = {}
         self._active = False
+        self._resets: _Resets | None = None
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
         self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else None for name, module in modules.items()}
-        self._rows: dict[str, tuple[Tensor | None, int]] = {}
+        self._time_dims = {
+            name: (1 if module.batch_first else 0) if isinstance(module, nn.RNNBase) else time_dim
+            for name, module in modules.items()
+        }
         for name, module in modules.items():
             argument = arguments[name]
             self._handles.append(
@@ -170,44 +210,81 @@ class StateCarrier:
             )
             self._handles.append(module.register_forward_hook(partial(self._capture, name)))
 
+    def _stream_named(self, stream: str) -> _Stream:
+        return self._streams.setdefault(stream, _Stream())
+
+    @property
+    def carried(self) -> dict[str, Any]:
+        """The carried states of the training stream, by module name."""
+        return self._stream_named("train").carried
+
+    def carried_in(self, stream: str) -> dict[str, Any]:
+        """The carried states of ``stream``, by module name (empty when it starts from zeros)."""
+        return self._stream_named(stream).carried
+
+    def restore(self, stream: str, carried: Mapping[str, Any]) -> None:
+        """Make ``carried`` (as returned by :meth:`carried_in`) the carried states of ``stream``."""
+        state = self._stream_named(stream)
+        state.clear()
+        state.carried.update(carried)
+        state.rows.update({name: (None, 0) for name in carried})
+
     @contextmanager
-    def segment(self, rows: Tensor | None = None, batch_size: int = 0) -> Iterator[None]:
+    def segment(
+        self,
+        rows: Tensor | None = None,
+        batch_size: int = 0,
+        starts: Tensor | None = None,
+        stream: str = "train",
+    ) -> Iterator[None]:
         """Activate the hooks for one segment; on success, the states the modules returned become the carried ones.
 
         Args:
             rows: Indices (sorted, on the CPU) of the batch rows this segment holds, when finished rows are dropped;
                 each carried state is first restricted to them. ``None``: every row of the batch.
             batch_size: Number of rows of the segment.
+            starts: Boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new sequence: that row's
+                state is zeroed right before that step (a call is split there when the step is inside the segment).
+                ``None``: no row starts anew.
+            stream: Whose state is carried (``"train"``, or an evaluation stream).
 
         If the segment raises, the carried state is left as it was.
 
         """
+        self._stream = self._stream_named(stream)
         if rows is not None:
             self._restrict(rows)
+        self._resets = None if starts is None or not bool(starts.any()) else _Resets(starts)
         self._active = True
         try:
             yield
         except BaseException:
             self._pending.clear()
+            self._pieces.clear()
             raise
         finally:
             self._active = False
+            self._resets = None
         for name, state in self._pending.items():
-            self.carried[name] = detach_state(state)
-            self._rows[name] = (rows, batch_size)
+            self._stream.carried[name] = detach_state(state)
+            self._stream.rows[name] = (rows, batch_size)
         self._pending.clear()
 
     def _restrict(self, rows: Tensor) -> None:
-        for name, state in self.carried.items():
-            held, count = self._rows[name]
+        stream = self._stream
+        for name, state in stream.carried.items():
+            held, count = stream.rows[name]
             if held is not None and torch.equal(held, rows):
                 continue
             positions = rows if held is None else torch.searchsorted(held, rows)
-            self.carried[name] = apply_to_collection(state, Tensor, self._select, name, positions, count)
-            self._rows[name] = (rows, rows.numel())
+            stream.carried[name] = apply_to_collection(state, Tensor, self._select, name, positions, count)
+            stream.rows[name] = (rows, rows.numel())
 
     def _select(self, tensor: Tensor, name: str, positions: Tensor, count: int) -> Tensor:
-        """Select ``positions`` along the dimension of ``tensor`` that holds the ``count`` sequences.
+        return tensor.index_select(self._row_dim(name, tensor, count), positions.to(tensor.device, non_blocking=True))
+
+    def _row_dim(self, name: str, tensor: Tensor, count: int) -> int:
+        """The dimension of ``tensor`` (a state of ``name``) that holds the ``count`` sequences.
 
         That is dimension 1 for ``torch.nn`` RNNs (``(layers, B, H)``); for custom modules, the only dimension of size
         ``count``.
@@ -218,17 +295,31 @@ class StateCarrier:
         if len(dims) != 1:
             found = "no dimension" if not dims else f"dimensions {dims}"
             raise ModelError(
-                f"Cannot drop finished rows from the state of `{name}`: expected exactly one dimension of its state"
-                f" tensors to hold the {count} sequences but found {found} of that size in shape"
-                f" {tuple(tensor.shape)}. Use `TBPTTCallback(drop_finished=False)` for this model."
+                f"Cannot select rows of the state of `{name}`: expected exactly one dimension of its state tensors to"
+                f" hold the {count} sequences but found {found} of that size in shape {tuple(tensor.shape)}. Use"
+                " `TBPTTCallback(drop_finished=False)` and no `resets` for this model, or give its state a"
+                " dimension of size B."
             )
-        return tensor.index_select(dims[0], positions.to(tensor.device, non_blocking=True))
+        return dims[0]
 
-    def reset(self) -> None:
-        """Forget every carried state: the next segment starts from the modules' default (zero) state."""
-        self.carried.clear()
+    def _zero_rows(self, name: str, state: Any, rows: Tensor) -> Any:
+        """Return ``state`` with the rows marked in the boolean ``rows`` set to zero (no gradient flows through)."""
+
+        def zero(tensor: Tensor) -> Tensor:
+            dim = self._row_dim(name, tensor, rows.numel())
+            shape = [1] * tensor.dim()
+            shape[dim] = rows.numel()
+            return torch.where(rows.to(tensor.device, non_blocking=True).view(shape), 0.0, tensor)
+
+        return apply_to_collection(state, Tensor, zero)
+
+    def reset(self, stream: str | None = None) -> None:
+        """Forget the carried state of ``stream`` (of every stream if ``None``): it starts from zeros again."""
+        for name, state in self._streams.items():
+            if stream is None or name == stream:
+                state.clear()
         self._pending.clear()
-        self._rows.clear()
+        self._pieces.clear()
 
     def remove(self) -> None:
         """Remove every hook from the modules."""
@@ -240,20 +331,67 @@ class StateCarrier:
     def _inject(
         self, name: str, argument: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-        if not self._active or name not in self.carried:
+        if not self._active:
             return None
-        state = self.carried[name]
+        explicit = args[1] if len(args) >= 2 else kwargs.get(argument)
+        if explicit is not None:
+            return None  # a state passed explicitly always wins
+        state = self._stream.carried.get(name)
+        resets = self._resets
+        if resets is not None and resets.first is not None and state is not None:
+            state = self._zero_rows(name, state, resets.first)
+        if resets is not None and resets.cuts:
+            args, state = self._run_pieces(name, module, args, kwargs, argument, state, resets)
+        if state is None:
+            return None
         if len(args) >= 2:
-            if args[1] is not None:
-                return None
             return (args[0], state, *args[2:]), kwargs
-        if kwargs.get(argument) is not None:
-            return None
         return args, {**kwargs, argument: state}
 
-    def _capture(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _run_pieces(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        argument: str,
+        state: Any,
+        resets: _Resets,
+    ) -> tuple[tuple[Any, ...], Any]:
+        """Run the call up to the segment's last reset piece by piece, zeroing the rows that start anew between pieces.
+
+        Returns the arguments of the call that computes the last piece, and the state it starts from. The outputs of
+        the earlier pieces are kept and joined to the last piece's output in :meth:`_capture`.
+        """
+        inputs = args[0] if args else kwargs.get("input")
+        time_dim = self._time_dims[name]
+        if not isinstance(inputs, Tensor) or inputs.dim() <= time_dim or inputs.shape[time_dim] != resets.length:
+            got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise ModelError(
+                f"Cannot reset the state of `{name}` ({type(module).__name__}) inside a segment: expected its input to"
+                f" be a tensor with the segment's {resets.length} time steps along dimension {time_dim} but got {got}."
+                " Call the recurrent module on the segment's time steps (padded, not packed), or start new"
+                " sequences only at batch boundaries."
+            )
+        rest = {key: value for key, value in kwargs.items() if key not in ("input", argument)}
+        outputs: list[Tensor] = []
+        start = 0
+        for cut, rows in resets.cuts:
+            piece = inputs.narrow(time_dim, start, cut - start)
+            output, state = module.forward(piece, state, *args[2:], **rest)
+            outputs.append(output)
+            state = self._zero_rows(name, state, rows)
+            start = cut
+        self._pieces[name] = (outputs, time_dim)
+        last = inputs.narrow(time_dim, start, resets.length - start)
+        if args:
+            return (last, None, *args[2:]), state
+        kwargs["input"] = last
+        return (), state
+
+    def _capture(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self._active:
-            return
+            return None
         if not isinstance(output, tuple) or len(output) != 2:
             raise ModelError(
                 f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"
@@ -261,3 +399,7 @@ class StateCarrier:
                 " `TBPTTCallback(recurrent_modules=...)`."
             )
         self._pending[name] = output[1]
+        if name in self._pieces:
+            outputs, time_dim = self._pieces.pop(name)
+            return (torch.cat([*outputs, output[0]], dim=time_dim), output[1])
+        return None

@@ -153,11 +153,19 @@ def test_unknown_opt_in_module(tmp_path):
     )
 
 
+class OtherTBPTTCallback(TBPTTCallback):
+    pass
+
+
 def test_callback_added_twice(tmp_path):
+    # Two instances of one class share a checkpoint key, which Lightning itself refuses when building the Trainer.
+    with pytest.raises(RuntimeError, match="more than one stateful callback of type `TBPTTCallback`"):
+        make_trainer(tmp_path, [TBPTTCallback(5), TBPTTCallback(7)])
+    # A subclass has its own key, so it is the callback that refuses the pair.
     fit_raises(
         tmp_path,
         SequenceRegressor(),
-        [TBPTTCallback(5), TBPTTCallback(7)],
+        [TBPTTCallback(5), OtherTBPTTCallback(7)],
         make_loader(),
         ConfigurationError,
         r"one `TBPTTCallback` in `Trainer\(callbacks=...\)` but got 2",

@@ -295,11 +295,12 @@ class ValidatingModel(SequenceRegressor):
         self(batch[0])
 
 
-def test_validation_inside_fit_gets_no_carried_state(tmp_path):
+def test_unsegmented_validation_inside_fit_gets_no_carried_state(tmp_path):
     model = ValidatingModel().double()
     recorder = StateRecorder(model.rnn)
     loader = make_loader()
-    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], limit_val_batches=1, num_sanity_val_steps=0)
+    callback = TBPTTCallback(5, evaluate=False)
+    trainer = make_trainer(tmp_path, [callback], limit_val_batches=1, num_sanity_val_steps=0)
     trainer.fit(model, loader, loader)
     validation_calls = [received for received, _, training in recorder.calls if not training]
     assert len(validation_calls) == 1
