@@ -118,3 +118,53 @@ def test_peak_memory_is_flat_in_sequence_length():
     assert growth_full > 150, f"the probe must see full BPTT grow (grew {growth_full:.0f} MiB)"
     # the data itself (input, target and their collated copies) grows by about 8 MiB
     assert growth_callback < 0.1 * growth_full, (base, with_callback, full_bptt)
+
+
+EVALUATION_PROBE = """
+import json, resource, sys, warnings
+warnings.filterwarnings("ignore")
+import torch, pytorch_lightning as pl
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from lightning_tbptt import TBPTTCallback
+from tests.helpers import SequenceRegressor
+
+class Validated(SequenceRegressor):
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
+
+length, segmented = int(sys.argv[1]), sys.argv[2] == "segmented"
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = Validated(input_size=1, hidden_size=128, log=False)
+x = torch.randn(16, length, 1)
+loader = DataLoader(TensorDataset(x, torch.cumsum(x, 1)), batch_size=16)
+trainer = pl.Trainer(
+    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    callbacks=[TBPTTCallback(64, evaluate=segmented)],
+)
+trainer.validate(model, loader)
+print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def evaluation_peak_mib(length: int, mode: str) -> float:
+    result = subprocess.run(
+        [sys.executable, "-c", EVALUATION_PROBE, str(length), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def test_evaluation_memory_is_flat_in_sequence_length():
+    short, long = 4096, 40960
+    base = evaluation_peak_mib(short, "segmented")
+    growth_segmented = evaluation_peak_mib(long, "segmented") - base
+    growth_whole = evaluation_peak_mib(long, "whole") - base
+    assert growth_whole > 200, f"the probe must see unsplit evaluation grow (grew {growth_whole:.0f} MiB)"
+    # the data itself (input, target and their collated copies) grows by a few MiB
+    assert growth_segmented < 0.1 * growth_whole, (base, growth_segmented, growth_whole)
