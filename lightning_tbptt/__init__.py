@@ -1,6 +1,7 @@
 """Truncated backpropagation through time for PyTorch Lightning, by adding one callback to the ``Trainer``."""
 
 from lightning_tbptt.callback import TBPTTCallback
+from lightning_tbptt.data import LaneDataModule, LaneStream
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError, NoSegmentError, TBPTTError
 from lightning_tbptt.loss import masked_mean
 from lightning_tbptt.metric import MaskedMetric
@@ -11,6 +12,8 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BatchError",
     "ConfigurationError",
+    "LaneDataModule",
+    "LaneStream",
     "MaskedMetric",
     "ModelError",
     "NoSegmentError",
