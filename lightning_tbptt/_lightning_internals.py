@@ -37,10 +37,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
+from packaging.version import Version
 from torch.optim import Optimizer
 
 from lightning_tbptt.errors import ConfigurationError
 from lightning_tbptt.schedule import Decision
+
+RESUME_RERUNS_LAST_BATCH = Version(pl.__version__) < Version("2.5.0")
+"""Whether Lightning resumes a checkpoint saved in ``on_train_batch_end`` by running that batch index again.
+
+Before 2.5.0 the saved batch progress counts the batch as not completed (Lightning issue #18060): resuming runs its
+index again and, at the last batch of an epoch, runs one more batch of that epoch."""
 
 _REQUIRED = {
     "epoch_loop": ("automatic_optimization", "manual_optimization", "_should_accumulate"),

@@ -17,6 +17,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_tbptt._lightning_internals import (
+    RESUME_RERUNS_LAST_BATCH,
     BatchContext,
     RunSegment,
     StrategyPatch,
@@ -191,6 +192,7 @@ class TBPTTCallback(Callback):
         self._trainer: pl.Trainer | None = None
         # streams of batches: rows per batch, and rows whose sequence ended before their batch did
         self._lanes: dict[str, int] = {}
+        self._lanes_restored: set[str] = set()
         self._unfinished: dict[str, Tensor | None] = {}
         self._eval_dataloader: int | None = None
         # position in the training epoch, for checkpoints
@@ -198,6 +200,7 @@ class TBPTTCallback(Callback):
         self._batches_done = 0
         self._num_batches: float = 0
         self._restored: dict[str, Any] | None = None
+        self._resumed_epoch: int | None = None
 
     def __repr__(self) -> str:
         return (
@@ -232,9 +235,12 @@ class TBPTTCallback(Callback):
         that the carried state and the data line up exactly as in an uninterrupted run.
         """
         restored = self._restored
-        if restored is None or not restored.get("mid_epoch", False):
+        if restored is None:
             return 0
-        return int(restored["batches_done"])
+        if restored.get("mid_epoch", False):
+            return int(restored["batches_done"])
+        # At the end of an epoch, Lightning before 2.5 runs the epoch's last index once more: give it no data.
+        return int(restored["batches_done"]) if RESUME_RERUNS_LAST_BATCH else 0
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -272,10 +278,19 @@ class TBPTTCallback(Callback):
         self._ensure_carrier()
 
     @override
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # After the checkpoint is restored and before the first batch; Lightning 2.5+ calls no `on_train_epoch_start`
+        # for an epoch resumed in the middle, older releases do.
         restored, self._restored = self._restored, None
+        self._resumed_epoch = None
         if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
             self._resume(trainer, restored)
+            self._resumed_epoch = trainer.current_epoch
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        resumed, self._resumed_epoch = self._resumed_epoch, None
+        if resumed == trainer.current_epoch:
             return
         if self._schedule is not None:
             self._schedule.reset()
@@ -476,6 +491,12 @@ class TBPTTCallback(Callback):
             return
         rows = plan.batch_size
         lanes = self._lanes.get(stream)
+        if lanes is not None and rows and rows != lanes and stream in self._lanes_restored:
+            raise BatchError(
+                f"Expected the batches to continue the lanes of the checkpoint being resumed, but the checkpoint"
+                f" carries the state of {lanes} lanes but the batch has {rows} rows. Resume with the data layout"
+                " (`lanes`, and the number of processes) the checkpoint was trained with."
+            )
         if lanes is not None and rows and rows != lanes:
             raise BatchError(
                 f"Expected every batch to have the same number of rows (lanes) with `TBPTTCallback(streaming=True)`,"
@@ -496,6 +517,7 @@ class TBPTTCallback(Callback):
                 )
         if rows:
             self._lanes[stream] = rows
+        self._lanes_restored.discard(stream)
         self._unfinished[stream] = None if plan.lengths is None else plan.lengths < plan.time_length
 
     def _prepare(self, planned: PlannedSegment) -> tuple[Any, Segment]:
@@ -620,6 +642,7 @@ class TBPTTCallback(Callback):
         carrier.restore(_TRAIN, apply_to_collection(carried, Tensor, lambda t: t.to(device)))
         if restored.get("lanes"):
             self._lanes[_TRAIN] = int(restored["lanes"])
+            self._lanes_restored.add(_TRAIN)
         unfinished = restored.get("unfinished")
         self._unfinished[_TRAIN] = None if unfinished is None else unfinished.cpu()
 
