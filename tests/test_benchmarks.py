@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,3 +47,16 @@ def test_overhead_benchmark_runs_and_prints_the_three_methods():
         (row,) = [line for line in lines if line.startswith(method)]
         ms, fastest, vs_raw, vs_manual = (float(v) for v in row[len(method) :].split())
         assert ms > 0 and fastest > 0 and vs_raw > 0 and vs_manual > 0
+
+
+def test_memory_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "memory.png"
+    tiny = ["--lanes", "2", "--hidden-size", "4", "--segment-length", "50", "--batch-steps", "100"]
+    lines = run_script("memory.py", *tiny, "--lengths", "300", "--full-lengths", "300", "--plot", str(plot))
+    for label in ("callback, training", "callback, evaluation", "full BPTT, training", "unsplit evaluation"):
+        (row,) = [line for line in lines if line.startswith(label + " ")]
+        length, peak, seconds = (float(v) for v in row[len(label) :].split())
+        assert length == 300 and peak > 0 and seconds >= 0
+    assert any(line.startswith("full BPTT / callback training at T=300:") for line in lines)
+    assert plot.read_bytes().startswith(b"\x89PNG")
