@@ -40,6 +40,7 @@ import functools
 import math
 import mmap
 import os
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeAlias
 
@@ -59,6 +60,33 @@ Batch: TypeAlias = dict[str, Tensor]
 
 _ARRAY = "input"  # the field of array (not mapping) sequences
 _MAX_OPEN_MAPS = 128  # memory maps kept open per process; each holds a file descriptor
+
+
+_open_files: "OrderedDict[tuple[int, str], int]" = OrderedDict()
+
+
+def _file_descriptor(filename: str) -> int:
+    """A read-only descriptor of ``filename`` for this process (the least recently used one is closed past 128)."""
+    key = (os.getpid(), filename)
+    if key in _open_files:
+        _open_files.move_to_end(key)
+        return _open_files[key]
+    _open_files[key] = os.open(filename, os.O_RDONLY)
+    while len(_open_files) > _MAX_OPEN_MAPS:
+        (pid, _), descriptor = _open_files.popitem(last=False)
+        if pid == os.getpid():
+            os.close(descriptor)
+    return _open_files[key]
+
+
+def _read_into(descriptor: int, target: "np.ndarray[Any, Any]", position: int) -> None:
+    """Fill the contiguous array ``target`` with the bytes of the file at ``position``."""
+    buffer = target.reshape(-1).view(np.uint8).data
+    while buffer.nbytes:
+        count = os.preadv(descriptor, [buffer], position)
+        if count == 0:
+            raise BatchError(f"Expected more data in the mapped file at byte {position} but it ended early.")
+        buffer, position = buffer[count:], position + count
 
 
 @functools.lru_cache(maxsize=_MAX_OPEN_MAPS)
@@ -118,8 +146,16 @@ class _Mapped:
         self.dtype = _torch_dtype(array.dtype, where)
 
     def write(self, out: Tensor, begin: int, end: int) -> None:
+        target = out.numpy()
+        rows_are_contiguous = self.order == "C" or len(self.shape) == 1
+        if rows_are_contiguous and self.numpy_dtype.isnative and target.flags.c_contiguous:
+            # a positioned read: the file's pages are not mapped into this process, so reading a long stream does not
+            # grow its resident memory (the operating system's page cache may still keep them)
+            row_bytes = self.numpy_dtype.itemsize * math.prod(self.shape[1:])
+            _read_into(_file_descriptor(self.filename), target, self.offset + begin * row_bytes)
+            return
         array = _open_map(self.filename, self.numpy_dtype, self.shape, self.offset, self.order)
-        out.numpy()[...] = array[begin:end]
+        target[...] = array[begin:end]
 
 
 _Source: TypeAlias = _InMemory | _Mapped

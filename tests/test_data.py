@@ -1,7 +1,10 @@
 """Streaming data in the lane layout: batches against hand-written loops, lazy memory maps, workers, ranks, resume."""
 
+import json
 import math
 import pickle
+import subprocess
+import sys
 import tracemalloc
 import warnings
 from types import SimpleNamespace
@@ -552,3 +555,26 @@ def test_a_resume_batch_beyond_the_epoch_is_an_error():
     )
     with pytest.raises(ConfigurationError, match=r"callback's `resume_batch` to be from 0 to 6 .* but got 9\. Resume"):
         data.train_dataloader()
+
+
+READ_PROBE = """
+import json, resource, sys
+import numpy as np
+from lightning_tbptt.data import LaneStream
+
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+for batch in LaneStream(sys.argv[1], lanes=4, steps=4096):
+    pass
+grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+print(json.dumps({"grown_mib": grown / 1024}))
+"""
+
+
+def test_reading_a_whole_file_does_not_grow_resident_memory(tmp_path):
+    """The file is read with positioned reads, not mapped: resident memory holds one batch, not the pages read."""
+    path = tmp_path / "big.npy"
+    waves = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(64 * 2**20,))  # 256 MiB, sparse
+    waves[:: 2**20] = 1.0
+    del waves
+    result = subprocess.run([sys.executable, "-c", READ_PROBE, str(path)], capture_output=True, text=True, check=True)
+    assert json.loads(result.stdout)["grown_mib"] < 32
