@@ -251,6 +251,7 @@ class TBPTTCallback(Callback):
         # The loop is patched here rather than in `on_fit_start`: tuner callbacks (`LearningRateFinder`,
         # `BatchSizeFinder`) run their trial fits in their own `on_fit_start`, which Lightning calls before ours.
         self._teardown()
+        self._restored = None  # a checkpoint of this run is loaded after `setup`
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
         count = sum(isinstance(callback, TBPTTCallback) for callback in callbacks)
         if count > 1:
@@ -283,6 +284,11 @@ class TBPTTCallback(Callback):
         # for an epoch resumed in the middle, older releases do.
         restored, self._restored = self._restored, None
         self._resumed_epoch = None
+        if restored is not None and restored.get("streaming", False) != self.streaming:
+            raise ConfigurationError(
+                f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={self.streaming})` but it"
+                f" was saved with `streaming={restored.get('streaming', False)}`. Resume with the same setting."
+            )
         if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
             self._resume(trainer, restored)
             self._resumed_epoch = trainer.current_epoch
@@ -347,11 +353,7 @@ class TBPTTCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("streaming", False) != self.streaming:
-            raise ConfigurationError(
-                f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={self.streaming})` but it"
-                f" was saved with `streaming={state_dict.get('streaming', False)}`. Resume with the same setting."
-            )
+        # used when training resumes (`on_train_start`); `validate`/`test`/`predict` from a checkpoint ignore it
         self._restored = dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------------------
