@@ -197,6 +197,14 @@ def fit_with_twin(
     return Fitted(model, reference, loader, trainer)
 
 
+PEAK_MIB = """
+def peak_mib():
+    # the high-water mark of this process's own memory: unlike `ru_maxrss`, which Linux carries over from the parent
+    # through fork and exec, so that a child of a large process (pytest) would report the parent's peak
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+"""
+
 GARBAGE = 1e3  # padded steps hold values that would ruin any result they leaked into
 
 

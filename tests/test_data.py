@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 
 from lightning_tbptt import BatchError, ConfigurationError
 from lightning_tbptt.data import LaneDataModule, LaneStream
+from tests.helpers import PEAK_MIB
 
 pytestmark = [
     # Lightning's caution for any IterableDataset with a length; each worker of a LaneStream reads its own batches
@@ -558,15 +559,14 @@ def test_a_resume_batch_beyond_the_epoch_is_an_error():
 
 
 READ_PROBE = """
-import json, resource, sys
+import json, sys
 import numpy as np
 from lightning_tbptt.data import LaneStream
 
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mib()
 for batch in LaneStream(sys.argv[1], lanes=4, steps=4096):
     pass
-grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
-print(json.dumps({"grown_mib": grown / 1024}))
+print(json.dumps({"grown_mib": peak_mib() - before}))
 """
 
 
@@ -576,5 +576,7 @@ def test_reading_a_whole_file_does_not_grow_resident_memory(tmp_path):
     waves = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(64 * 2**20,))  # 256 MiB, sparse
     waves[:: 2**20] = 1.0
     del waves
-    result = subprocess.run([sys.executable, "-c", READ_PROBE, str(path)], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", PEAK_MIB + READ_PROBE, str(path)], capture_output=True, text=True, check=True
+    )
     assert json.loads(result.stdout)["grown_mib"] < 32

@@ -11,7 +11,7 @@ import torch
 
 import lightning_tbptt.state
 from lightning_tbptt import TBPTTCallback
-from tests.helpers import SequenceRegressor, make_loader, make_trainer
+from tests.helpers import PEAK_MIB, SequenceRegressor, make_loader, make_trainer
 
 
 class SavedTensor:
@@ -80,7 +80,7 @@ def test_a_carried_state_that_kept_its_graph_would_break_the_next_backward(tmp_p
 
 
 PROBE = """
-import json, resource, sys, warnings
+import json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, pytorch_lightning as pl
 from torch.utils.data import DataLoader, TensorDataset
@@ -98,13 +98,17 @@ trainer = pl.Trainer(
     callbacks=[TBPTTCallback(64)] if use_callback else [],
 )
 trainer.fit(model, loader)
-print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_mib": peak_mib()}))
 """
 
 
 def peak_memory_mib(length: int, mode: str) -> float:
     result = subprocess.run(
-        [sys.executable, "-c", PROBE, str(length), mode], capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", PEAK_MIB + PROBE, str(length), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
 
@@ -121,7 +125,7 @@ def test_peak_memory_is_flat_in_sequence_length():
 
 
 EVALUATION_PROBE = """
-import json, resource, sys, warnings
+import json, sys, warnings
 warnings.filterwarnings("ignore")
 import torch, pytorch_lightning as pl
 import torch.nn.functional as F
@@ -145,13 +149,13 @@ trainer = pl.Trainer(
     callbacks=[TBPTTCallback(64, evaluate=segmented)],
 )
 trainer.validate(model, loader)
-print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+print(json.dumps({"peak_mib": peak_mib()}))
 """
 
 
 def evaluation_peak_mib(length: int, mode: str) -> float:
     result = subprocess.run(
-        [sys.executable, "-c", EVALUATION_PROBE, str(length), mode],
+        [sys.executable, "-c", PEAK_MIB + EVALUATION_PROBE, str(length), mode],
         capture_output=True,
         text=True,
         check=True,
