@@ -12,6 +12,8 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
 * ``_TrainingEpochLoop._should_accumulate()``;
 * ``Trainer._results.batch_size`` — the batch size by which ``self.log(..., on_epoch=True)`` weights a value; set per
   segment to its number of valid time steps, and back to ``None`` (Lightning infers it from the batch) afterwards;
+* ``Trainer.fit_loop.epoch_loop.batch_progress`` (``current.processed``, ``current.completed``,
+  ``increment_completed()``) — corrected on resume before Lightning 2.5 (:func:`complete_batch_saved_at_batch_end`);
 * ``Trainer._logger_connector._first_loop_iter`` — during the first batch of an epoch, Lightning clears a hook's logged
   values each time it logs (harmless when every hook runs once per batch). With several segments per batch that would
   drop the first batch's earlier segments from epoch aggregates, so it is turned off once the first segment has run.
@@ -217,6 +219,21 @@ class TrainingLoopPatch:
         if self._decision is None:
             return self._class_method(self._epoch_loop, "_should_accumulate")()
         return not self._decision.step
+
+
+def complete_batch_saved_at_batch_end(trainer: "pl.Trainer") -> bool:
+    """Count as completed a batch whose checkpoint was saved in ``on_train_batch_end`` (before Lightning 2.5).
+
+    Such a checkpoint holds ``fit_loop.epoch_loop.batch_progress`` with the batch processed but not completed, so
+    Lightning before 2.5 would run that batch index again; 2.5 does this same correction itself. Returns whether it
+    applied.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    current: Any = progress.current  # a `_ProcessedTracker`, typed as its base class
+    if current.processed != current.completed + 1:
+        return False
+    progress.increment_completed()
+    return True
 
 
 def set_log_weight(trainer: "pl.Trainer", weight: int | None) -> None:

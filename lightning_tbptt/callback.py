@@ -22,6 +22,7 @@ from lightning_tbptt._lightning_internals import (
     RunSegment,
     StrategyPatch,
     TrainingLoopPatch,
+    complete_batch_saved_at_batch_end,
     set_log_weight,
 )
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
@@ -47,6 +48,21 @@ Transfer = Literal["segment", "batch"]
 TRANSFER_CHOICES: tuple[Transfer, ...] = ("segment", "batch")
 _TRAIN = "train"
 _EVAL = "eval"
+
+
+@dataclasses.dataclass
+class _Position:
+    """Where the training epoch stands after a batch, and the training stream's state then (for checkpoints)."""
+
+    epoch: int = 0
+    batches_done: int = 0
+    num_batches: float = 0
+    accumulated: int = 0
+    partial: bool = False
+    pending_gradients: bool = False
+    lanes: int | None = None
+    carried: dict[str, Any] = dataclasses.field(default_factory=dict)
+    unfinished: Tensor | None = None
 
 
 def _check_bool(value: Any, argument: str) -> bool:
@@ -195,10 +211,8 @@ class TBPTTCallback(Callback):
         self._lanes_restored: set[str] = set()
         self._unfinished: dict[str, Tensor | None] = {}
         self._eval_dataloader: int | None = None
-        # position in the training epoch, for checkpoints
-        self._epoch = 0
-        self._batches_done = 0
-        self._num_batches: float = 0
+        # where the training epoch stands after the last batch, for checkpoints
+        self._position = _Position()
         self._restored: dict[str, Any] | None = None
         self._resumed_epoch: int | None = None
 
@@ -237,6 +251,8 @@ class TBPTTCallback(Callback):
         restored = self._restored
         if restored is None:
             return 0
+        if self._trainer is not None and restored["epoch"] != self._trainer.current_epoch:
+            return 0  # Lightning counts the checkpoint's epoch as finished (e.g. after stopping at `max_steps`)
         if restored.get("mid_epoch", False):
             return int(restored["batches_done"])
         # At the end of an epoch, Lightning before 2.5 runs the epoch's last index once more: give it no data.
@@ -250,8 +266,7 @@ class TBPTTCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         # The loop is patched here rather than in `on_fit_start`: tuner callbacks (`LearningRateFinder`,
         # `BatchSizeFinder`) run their trial fits in their own `on_fit_start`, which Lightning calls before ours.
-        self._teardown()
-        self._restored = None  # a checkpoint of this run is loaded after `setup`
+        self._teardown()  # also forgets any loaded state: a checkpoint of this run is loaded after `setup`
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
         count = sum(isinstance(callback, TBPTTCallback) for callback in callbacks)
         if count > 1:
@@ -289,6 +304,8 @@ class TBPTTCallback(Callback):
                 f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={self.streaming})` but it"
                 f" was saved with `streaming={restored.get('streaming', False)}`. Resume with the same setting."
             )
+        if restored is not None and RESUME_RERUNS_LAST_BATCH:
+            complete_batch_saved_at_batch_end(trainer)
         if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
             self._resume(trainer, restored)
             self._resumed_epoch = trainer.current_epoch
@@ -301,16 +318,7 @@ class TBPTTCallback(Callback):
         if self._schedule is not None:
             self._schedule.reset()
         self._reset_stream(_TRAIN)
-        self._epoch = trainer.current_epoch
-        self._batches_done = 0
-
-    @override
-    def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._epoch = trainer.current_epoch
-        self._batches_done += 1
-        self._num_batches = trainer.num_training_batches
+        self._position = _Position(epoch=trainer.current_epoch)
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -338,17 +346,25 @@ class TBPTTCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        position = self._position
         state: dict[str, Any] = {
-            "epoch": self._epoch,
-            "batches_done": self._batches_done,
-            "mid_epoch": 0 < self._batches_done < self._num_batches,
-            "accumulated": 0 if self._schedule is None else self._schedule.accumulated,
+            "epoch": position.epoch,
+            "batches_done": position.batches_done,
+            "mid_epoch": 0 < position.batches_done < position.num_batches,
+            "accumulated": position.accumulated,
+            "partial": position.partial,
             "streaming": self.streaming,
         }
-        if self.streaming and self._carrier is not None:
-            state["lanes"] = self._lanes.get(_TRAIN)
-            state["carried"] = self._carrier.carried_in(_TRAIN)
-            state["unfinished"] = self._unfinished.get(_TRAIN)
+        if position.pending_gradients and self._trainer is not None:
+            # gradients accumulated towards a step that has not happened yet (they are what the step will apply)
+            module = self._trainer.lightning_module
+            state["gradients"] = {
+                name: None if p.grad is None else p.grad.detach().clone() for name, p in module.named_parameters()
+            }
+        if self.streaming:
+            state["lanes"] = position.lanes
+            state["carried"] = position.carried
+            state["unfinished"] = position.unfinished
         return state
 
     @override
@@ -556,6 +572,8 @@ class TBPTTCallback(Callback):
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
         hiddens = None
         output: dict[str, Any] = {}
+        decision = None
+        index = -1
         for planned in plan:
             index = planned.info.index
             kwargs = OrderedDict(context.kwargs)
@@ -578,7 +596,26 @@ class TBPTTCallback(Callback):
                 hiddens = self._returned_hiddens(output, index)
             if 0 <= trainer.max_steps <= trainer.global_step:
                 break
+        self._record_position(
+            trainer, partial=index < len(plan) - 1, pending=decision is not None and not decision.step
+        )
         return output
+
+    def _record_position(self, trainer: "pl.Trainer", partial: bool, pending: bool) -> None:
+        """After a training batch: where the epoch stands, what a checkpoint taken now must hold to resume exactly."""
+        assert self._schedule is not None
+        carrier = self._ensure_carrier()
+        self._position = _Position(
+            epoch=trainer.current_epoch,
+            batches_done=self._position.batches_done + 1,
+            num_batches=trainer.num_training_batches,
+            accumulated=self._schedule.accumulated,
+            partial=partial,
+            pending_gradients=pending,
+            lanes=self._lanes.get(_TRAIN),
+            carried=dict(carrier.carried_in(_TRAIN)),
+            unfinished=self._unfinished.get(_TRAIN),
+        )
 
     def _run_evaluation(
         self, name: str, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -624,10 +661,25 @@ class TBPTTCallback(Callback):
 
     def _resume(self, trainer: "pl.Trainer", restored: dict[str, Any]) -> None:
         """Continue the epoch of a checkpoint saved mid-epoch: its position, accumulation and carried state."""
-        self._epoch = int(restored["epoch"])
-        self._batches_done = int(restored["batches_done"])
+        self._position = _Position(
+            epoch=int(restored["epoch"]),
+            batches_done=int(restored["batches_done"]),
+            num_batches=trainer.num_training_batches,
+        )
+        if restored.get("partial"):
+            rank_zero_warn(
+                f"The checkpoint being resumed was saved after `max_steps` stopped batch {restored['batches_done'] - 1}"
+                " of its epoch before its last segment; training continues with the next batch, so the rest of that"
+                " batch is never trained and the result differs from one longer run. For exact resumption, choose"
+                " `max_steps` as a multiple of the optimizer steps per batch."
+            )
         if self._schedule is not None:
             self._schedule.accumulated = int(restored.get("accumulated", 0))
+        gradients = restored.get("gradients")
+        if gradients is not None:
+            for name, parameter in trainer.lightning_module.named_parameters():
+                saved = gradients.get(name)
+                parameter.grad = None if saved is None else saved.to(parameter.device)
         self._reset_stream(_TRAIN)
         if not self.streaming:
             return
@@ -649,6 +701,8 @@ class TBPTTCallback(Callback):
         self._unfinished[_TRAIN] = None if unfinished is None else unfinished.cpu()
 
     def _teardown(self) -> None:
+        self._restored = None
+        self._resumed_epoch = None
         for patch in (self._patch, self._strategy_patch):
             if patch is not None:
                 patch.remove()

@@ -97,3 +97,116 @@ def test_resuming_with_another_streaming_setting(tmp_path, uninterrupted):
     trainer = make_trainer(tmp_path, [TBPTTCallback(SEGMENT)], max_epochs=2)
     with pytest.raises(ConfigurationError, match=r"saved with `streaming=True`\. Resume with the same setting"):
         trainer.fit(StreamRegressor(), datamodule=stream_data(), ckpt_path=checkpoint(directory, "epoch=0-step=6"))
+
+
+class Recording(StreamRegressor):
+    """Records the `batch_idx` and first value of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int, float]] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.seen.append((self.current_epoch, batch_idx, float(batch["input"][0, 0])))
+        return super().training_step(batch, batch_idx)
+
+
+def fit_recording(tmp_path: Path, callbacks: list[Any], ckpt_path: Path | None = None, **kwargs: Any) -> Any:
+    torch.manual_seed(0)
+    model = Recording().double()
+    trainer = make_trainer(tmp_path, callbacks, **{"max_epochs": 2, **kwargs})
+    trainer.fit(model, datamodule=stream_data(), ckpt_path=ckpt_path)
+    return model, trainer
+
+
+def streaming(**kwargs: Any) -> TBPTTCallback:
+    return TBPTTCallback(SEGMENT, streaming=True, resets="starts", **kwargs)
+
+
+class SavesEveryBatch(pl.Callback):
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.saved = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.saved += 1
+        trainer.save_checkpoint(self.directory / f"batch={self.saved}.ckpt")
+
+
+@pytest.mark.parametrize("step_per", ["segment", "batch"])
+def test_resuming_in_the_middle_of_an_accumulation_restores_the_pending_gradients(tmp_path, step_per):
+    every = SavesEveryBatch(tmp_path)
+    model, trainer = fit_recording(tmp_path, [streaming(step_per=step_per), every], accumulate_grad_batches=2)
+    checkpoints = sorted(tmp_path.glob("batch=*.ckpt"), key=lambda path: int(path.stem.split("=")[1]))
+    pending = [
+        path
+        for path in checkpoints
+        if "gradients" in torch.load(path, weights_only=False)["callbacks"]["TBPTTCallback"]
+    ]
+    assert pending, "some checkpoints are taken while gradients are accumulated"
+    for path in pending[:3]:
+        resumed, resumed_trainer = fit_recording(
+            tmp_path / path.stem, [streaming(step_per=step_per)], path, accumulate_grad_batches=2
+        )
+        assert resumed_trainer.global_step == trainer.global_step
+        assert parameters_equal(resumed, model, rtol=0, atol=1e-12), path.name
+        assert resumed.seen == [seen for seen in model.seen if seen in resumed.seen][-len(resumed.seen) :]
+
+
+def test_the_resumed_epoch_sees_the_batch_indices_of_the_uninterrupted_run(tmp_path, uninterrupted):
+    model, _ = fit_recording(tmp_path, [streaming()])
+    _, directory, _ = uninterrupted
+    resumed, _ = fit_recording(tmp_path / "resumed", [streaming()], checkpoint(directory, "epoch=0-step=6"))
+    assert resumed.seen == model.seen[len(model.seen) - len(resumed.seen) :]
+    assert resumed.seen[0][:2] == (0, 2)
+
+
+def test_a_checkpoint_saved_after_the_fit_resumes_where_lightning_does(tmp_path):
+    """After `max_steps`, Lightning counts the epoch as finished: the resumed fit starts the next one at batch 0."""
+    _, trainer = fit_recording(tmp_path, [streaming()], max_steps=6)  # stops after 2 whole batches
+    trainer.save_checkpoint(tmp_path / "after.ckpt")  # after the fit: the callback has torn down its hooks
+    resumed, _ = fit_recording(tmp_path, [streaming()], tmp_path / "after.ckpt")
+    whole, _ = fit_recording(tmp_path, [streaming()])
+    assert resumed.seen == whole.seen[len(whole.seen) // 2 :], "epoch 1, from its first batch"
+
+
+class SavesFirst(pl.Callback):
+    """A callback placed before the TBPTT callback that saves a checkpoint at the end of batch 1."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == 6:
+            trainer.save_checkpoint(self.path)
+
+
+def test_the_saved_position_does_not_depend_on_the_order_of_callbacks(tmp_path):
+    model, _ = fit_recording(tmp_path, [SavesFirst(tmp_path / "first.ckpt"), streaming()])
+    resumed, _ = fit_recording(tmp_path, [streaming()], tmp_path / "first.ckpt")
+    assert parameters_equal(resumed, model, rtol=0, atol=1e-12)
+
+
+def test_a_failed_resume_leaves_nothing_for_the_next_fit(tmp_path, uninterrupted):
+    class FailsAtStart(Recording):
+        def on_train_start(self) -> None:
+            raise RuntimeError("stop")
+
+    _, directory, _ = uninterrupted
+    callback = streaming()
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
+    with pytest.raises(RuntimeError, match="stop"):
+        trainer.fit(
+            FailsAtStart().double(), datamodule=stream_data(), ckpt_path=checkpoint(directory, "epoch=0-step=6")
+        )
+    assert callback.resume_batch == 0
+    fresh, _ = fit_recording(tmp_path, [callback])
+    assert fresh.seen[0][:2] == (0, 0)
+    assert fresh.seen[0] == fit_recording(tmp_path, [streaming()])[0].seen[0]
+
+
+def test_resuming_after_max_steps_stopped_inside_a_batch_warns(tmp_path):
+    every = ModelCheckpoint(tmp_path, "partial", every_n_train_steps=4)
+    fit_recording(tmp_path, [streaming(), every], max_steps=4, enable_checkpointing=True)  # stops inside batch 1
+    with pytest.warns(UserWarning, match=r"`max_steps` stopped batch 1 of its epoch before its last segment"):
+        fit_recording(tmp_path, [streaming()], tmp_path / "partial.ckpt")
