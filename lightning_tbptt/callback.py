@@ -12,6 +12,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_warn
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from typing_extensions import override
@@ -123,9 +124,11 @@ class TBPTTCallback(Callback):
             there), so neither state nor gradient crosses the boundary.
         evaluate: Cut validation, test and prediction batches into segments too, carrying the state, without
             gradients (``True``, default). ``False`` leaves evaluation to Lightning (one call per batch).
-        transfer: ``"segment"`` (default): batches stay on the host and each segment is moved to the device right
+        transfer: ``"segment"``: batches stay on the host and each segment is moved to the device right
             before it runs, through the strategy and the module's ``transfer_batch_to_device`` and
-            ``on_after_batch_transfer`` hooks (``on_before_batch_transfer`` still runs once per batch). ``"batch"``:
+            ``on_after_batch_transfer`` hooks (``on_before_batch_transfer`` still runs once per batch). ``None``
+            (default): ``"segment"``, unless the ``LightningModule`` or the ``LightningDataModule`` overrides
+            ``on_after_batch_transfer`` (which may change the batch's layout, so it must see whole batches). ``"batch"``:
             Lightning moves the whole batch before it is cut.
 
     Raises:
@@ -154,7 +157,7 @@ class TBPTTCallback(Callback):
         streaming: bool = False,
         resets: LengthsSpec | None = None,
         evaluate: bool = True,
-        transfer: Transfer = "segment",
+        transfer: Transfer | None = None,
     ) -> None:
         if segment_length is not None:
             _check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
@@ -168,7 +171,7 @@ class TBPTTCallback(Callback):
                 f"Expected argument `step_per` to be one of {STEP_PER_CHOICES} but got {step_per!r}. Use 'segment'"
                 " for a step after every segment or 'batch' for one step per batch."
             )
-        if transfer not in TRANSFER_CHOICES:
+        if transfer is not None and transfer not in TRANSFER_CHOICES:
             raise ConfigurationError(
                 f"Expected argument `transfer` to be one of {TRANSFER_CHOICES} but got {transfer!r}. Use 'segment' to"
                 " move one segment at a time to the device or 'batch' to let Lightning move whole batches."
@@ -181,7 +184,8 @@ class TBPTTCallback(Callback):
         self.drop_finished = _check_bool(drop_finished, "drop_finished")
         self.streaming = _check_bool(streaming, "streaming")
         self.evaluate = _check_bool(evaluate, "evaluate")
-        self.transfer: Transfer = transfer
+        self.transfer: Transfer | None = transfer
+        self._transfer: Transfer = "segment"
         if drop_finished and lengths is None:
             raise ConfigurationError(
                 "Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be"
@@ -278,6 +282,7 @@ class TBPTTCallback(Callback):
             return
         self._fit_segment_length = self._resolve_segment_length(pl_module)
         self._check_splitting(pl_module)
+        self._transfer = self._resolve_transfer(trainer, pl_module)
         self._trainer = trainer
         if stage == "fit":
             self._check_training(trainer, pl_module)
@@ -388,6 +393,16 @@ class TBPTTCallback(Callback):
             )
         return _check_positive_int(steps, "truncated_bptt_steps", "self.truncated_bptt_steps = 64")
 
+    def _resolve_transfer(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> Transfer:
+        if self.transfer is not None:
+            return self.transfer
+        datamodule = getattr(trainer, "datamodule", None)
+        if is_overridden("on_after_batch_transfer", pl_module) or (
+            datamodule is not None and is_overridden("on_after_batch_transfer", datamodule)
+        ):
+            return "batch"  # the hook may change the layout: cut what it returns, as without the callback
+        return "segment"
+
     def _check_splitting(self, pl_module: "pl.LightningModule") -> None:
         module_splits = callable(getattr(pl_module, "tbptt_split_batch", None))
         callback_splits = type(self).split_batch is not TBPTTCallback.split_batch
@@ -488,7 +503,7 @@ class TBPTTCallback(Callback):
 
     def _keeps_on_host(self) -> bool:
         trainer = self._trainer
-        if self.transfer != "segment" or trainer is None:
+        if self._transfer != "segment" or trainer is None:
             return False
         if trainer.training:
             return self._patch is not None

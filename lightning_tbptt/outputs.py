@@ -4,8 +4,8 @@ An evaluation or prediction step runs once per segment; what the loop (``on_*_ba
 ``Trainer.predict`` returns) receives for the batch is the segments' outputs joined by one rule, leaf by leaf of the
 output's structure (dicts, lists, tuples):
 
-* a tensor that has the segment's number of time steps along ``time_dim`` in every segment is a per-step output: the
-  pieces are put back in their place along time, so the result is laid out like the batch's sequences (``(B, T,
+* a tensor laid out like the segment's sequences in every segment (the segment's rows along the batch dimension and its
+  time steps along ``time_dim``) is a per-step output: the pieces are put back in their place along time, so the result is laid out like the batch's sequences (``(B, T,
   ...)``). Places the callback did not run (rows of finished sequences that were dropped, an all-padding tail) are
   zeros;
 * anything else (a loss, a per-sequence summary, a non-tensor value) is taken from the last segment, as a training
@@ -37,8 +37,12 @@ from lightning_tbptt.split import batch_dim
 
 
 def _per_step(values: Sequence[Any], segments: Sequence[Segment]) -> bool:
+    """Whether every value is laid out like its segment's sequences: its rows, then (or before) its time steps."""
     return all(
-        isinstance(value, Tensor) and value.dim() > segment.time_dim and value.shape[segment.time_dim] == segment.length
+        isinstance(value, Tensor)
+        and value.dim() > max(segment.time_dim, batch_dim(segment.time_dim))
+        and value.shape[segment.time_dim] == segment.length
+        and value.shape[batch_dim(segment.time_dim)] == segment.batch_size
         for value, segment in zip(values, segments, strict=True)
     )
 

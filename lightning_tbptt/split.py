@@ -68,7 +68,7 @@ def sequence_length(batch: Any, time_dim: int = 1, hint_custom_split: bool = Tru
     tensors = _tensors(batch)
     if not tensors:
         raise BatchError(
-            f"Expected the training batch to contain at least one tensor to cut along `time_dim={time_dim}` but got"
+            f"Expected the batch to contain at least one tensor to cut along `time_dim={time_dim}` but got"
             f" a batch of type {type(batch).__name__} without tensors. Return tensors from your DataLoader{override}."
         )
     sequences = [t for t in tensors if t.dim() > time_dim]

@@ -296,9 +296,9 @@ class StateCarrier:
             found = "no dimension" if not dims else f"dimensions {dims}"
             raise ModelError(
                 f"Cannot select rows of the state of `{name}`: expected exactly one dimension of its state tensors to"
-                f" hold the {count} sequences but found {found} of that size in shape {tuple(tensor.shape)}. Use"
-                " `TBPTTCallback(drop_finished=False)` and no `resets` for this model, or give its state a"
-                " dimension of size B."
+                f" hold the {count} sequences but found {found} of that size in shape {tuple(tensor.shape)}, so the"
+                f" rows cannot be told apart. Give the state's other dimensions sizes other than {count} (e.g. another"
+                " hidden size or number of rows), or use this model without `drop_finished` and `resets`."
             )
         return dims[0]
 
@@ -341,7 +341,7 @@ class StateCarrier:
         if resets is not None and resets.first is not None and state is not None:
             state = self._zero_rows(name, state, resets.first)
         if resets is not None and resets.cuts:
-            args, state = self._run_pieces(name, module, args, kwargs, argument, state, resets)
+            args, kwargs, state = self._run_pieces(name, module, args, kwargs, argument, state, resets)
         if state is None:
             return None
         if len(args) >= 2:
@@ -357,13 +357,16 @@ class StateCarrier:
         argument: str,
         state: Any,
         resets: _Resets,
-    ) -> tuple[tuple[Any, ...], Any]:
+    ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
         """Run the call up to the segment's last reset piece by piece, zeroing the rows that start anew between pieces.
 
-        Returns the arguments of the call that computes the last piece, and the state it starts from. The outputs of
-        the earlier pieces are kept and joined to the last piece's output in :meth:`_capture`.
+        Returns the arguments of the call that computes the last piece (with its state left out) and the state it
+        starts from. The outputs of the earlier pieces are kept and joined to the last piece's output in
+        :meth:`_capture`. Every other argument that has the segment's time steps (e.g. a per-step mask) is cut into
+        the same pieces.
         """
-        inputs = args[0] if args else kwargs.get("input")
+        by_keyword = not args
+        inputs = kwargs.get("input") if by_keyword else args[0]
         time_dim = self._time_dims[name]
         if not isinstance(inputs, Tensor) or inputs.dim() <= time_dim or inputs.shape[time_dim] != resets.length:
             got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
@@ -373,21 +376,36 @@ class StateCarrier:
                 " Call the recurrent module on the segment's time steps (padded, not packed), or start new"
                 " sequences only at batch boundaries."
             )
-        rest = {key: value for key, value in kwargs.items() if key not in ("input", argument)}
+        extra_args = args[2:]
+        extra_kwargs = {key: value for key, value in kwargs.items() if key not in ("input", argument)}
+
+        def cut(value: Any, start: int, stop: int) -> Any:
+            if isinstance(value, Tensor) and value.dim() > time_dim and value.shape[time_dim] == resets.length:
+                return value.narrow(time_dim, start, stop - start)
+            return value
+
+        def piece(start: int, stop: int) -> tuple[Tensor, list[Any], dict[str, Any]]:
+            return (
+                cut(inputs, start, stop),
+                [cut(value, start, stop) for value in extra_args],
+                {key: cut(value, start, stop) for key, value in extra_kwargs.items()},
+            )
+
         outputs: list[Tensor] = []
         start = 0
-        for cut, rows in resets.cuts:
-            piece = inputs.narrow(time_dim, start, cut - start)
-            output, state = module.forward(piece, state, *args[2:], **rest)
+        for stop, rows in resets.cuts:
+            piece_input, piece_args, piece_kwargs = piece(start, stop)
+            output, state = module.forward(piece_input, state, *piece_args, **piece_kwargs)
             outputs.append(output)
             state = self._zero_rows(name, state, rows)
-            start = cut
+            start = stop
         self._pieces[name] = (outputs, time_dim)
-        last = inputs.narrow(time_dim, start, resets.length - start)
-        if args:
-            return (last, None, *args[2:]), state
-        kwargs["input"] = last
-        return (), state
+        last_input, last_args, last_kwargs = piece(start, resets.length)
+        if by_keyword:
+            return (), {"input": last_input, **last_kwargs}, state
+        if len(args) >= 2:  # the state was given positionally (as None): it stays there
+            return (last_input, None, *last_args), last_kwargs, state
+        return (last_input,), last_kwargs, state
 
     def _capture(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self._active:

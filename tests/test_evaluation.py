@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from lightning_tbptt import ConfigurationError, ModelError, TBPTTCallback, current_segment, masked_mean
 from lightning_tbptt._lightning_internals import patched_loop_attributes
+from lightning_tbptt.outputs import join_outputs
+from lightning_tbptt.segment import Segment
 from tests.helpers import (
     LENGTHS,
     SequenceRegressor,
@@ -16,6 +18,7 @@ from tests.helpers import (
     make_trainer,
     padded_batches,
     parameters_equal,
+    reference_tbptt,
     twin,
 )
 from tests.test_streaming import SEGMENT, LaneRegressor, lane_batches, reference_lanes
@@ -204,3 +207,40 @@ def test_the_evaluation_patches_are_removed_afterwards(tmp_path):
     trainer = make_trainer(tmp_path, [TBPTTCallback(5)])
     trainer.validate(Evaluated().double(), make_loader())
     assert patched_loop_attributes(trainer) == []
+
+
+class TransposesAfterTransfer(SequenceRegressor):
+    """Batch-first data, a time-first model: `on_after_batch_transfer` changes the layout."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_first=False, log=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return tuple(t.transpose(0, 1) for t in batch)
+
+
+def test_a_module_that_changes_the_layout_after_transfer_gets_whole_batches_by_default(tmp_path):
+    torch.manual_seed(0)
+    model = TransposesAfterTransfer().double()
+    reference = twin(model)
+    loader = make_loader()
+    make_trainer(tmp_path, [TBPTTCallback(5, time_dim=0)]).fit(model, loader)
+    reference_tbptt(
+        reference, [(x.transpose(0, 1), y.transpose(0, 1)) for x, y in loader], segment_length=5, time_dim=0
+    )
+    assert parameters_equal(model, reference)
+
+
+def test_join_takes_per_sequence_and_one_dimensional_outputs_from_the_last_segment():
+    lengths = torch.tensor([6, 2, 4])
+    segments = [
+        Segment(0, 2, 0, 3, time_dim=0, lengths=lengths.clamp(max=3)),
+        Segment(1, 2, 3, 3, time_dim=0, lengths=(lengths - 3).clamp(0, 3)[[0, 2]], rows=torch.tensor([0, 2])),
+    ]
+    per_step_loss = [torch.ones(3), torch.full((3,), 2.0)]  # (T_seg,): not laid out like (T, B) sequences
+    assert torch.equal(join_outputs(per_step_loss, segments, batch_size=3, time_length=6), per_step_loss[-1])
+    states = [torch.zeros(3, 5), torch.ones(2, 5)]  # (B, H) with B == T_seg in the first segment
+    assert torch.equal(join_outputs(states, segments, batch_size=3, time_length=6), states[-1])
+    per_step = [torch.ones(3, 3, 1), torch.full((3, 2, 1), 2.0)]  # (T_seg, rows, 1)
+    joined = join_outputs(per_step, segments, batch_size=3, time_length=6)
+    assert joined[:, :, 0].tolist() == [[1, 1, 1]] * 3 + [[2, 0, 2]] * 3

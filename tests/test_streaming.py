@@ -261,3 +261,40 @@ class HiddensLaneModel(LaneRegressor):
 def test_streaming_and_resets_need_the_callback_to_carry_the_state(tmp_path, kwargs, match):
     with pytest.raises(ConfigurationError, match=match + r"` cannot work with `hiddens`"):
         make_trainer(tmp_path, [TBPTTCallback(SEGMENT, **kwargs)]).fit(HiddensLaneModel(), loader_of(lane_batches()))
+
+
+def test_a_reset_inside_a_segment_with_the_state_passed_by_keyword_as_none():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
+    carrier = StateCarrier({"lstm": lstm})
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[1, 2] = True
+    with carrier.segment(starts=starts):
+        out, _ = lstm(x, hx=None)
+    assert torch.allclose(out[1:, 2:], lstm(x[1:, 2:])[0])
+    carrier.remove()
+
+
+def test_per_step_arguments_of_a_custom_cell_are_cut_at_a_reset_too():
+    class MaskedCell(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor, state: Any = None, *, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+            out, h = self.rnn(x * mask.unsqueeze(-1), state)
+            return out, h
+
+    torch.manual_seed(0)
+    cell = MaskedCell().double()
+    carrier = StateCarrier({"cell": cell})
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    mask = torch.rand(2, 6, dtype=torch.float64)
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[0, 4] = True
+    with carrier.segment(starts=starts):
+        out, _ = cell(x, mask=mask)
+    assert torch.allclose(out[:1, 4:], cell(x[:1, 4:], mask=mask[:1, 4:])[0])
+    assert torch.allclose(out[1:], cell(x[1:], mask=mask[1:])[0])
+    carrier.remove()
