@@ -360,17 +360,33 @@ class TBPTTCallback(Callback):
             "partial": position.partial,
             "streaming": self.streaming,
         }
-        if position.pending_gradients and self._trainer is not None:
+        trainer = self._trainer
+        # Every process holds its own lanes (and, between the synchronised steps, its own gradients): with several
+        # processes these are gathered, each tensor gaining a leading dimension indexed by rank. Lightning builds a
+        # checkpoint on every rank, so the collective is reached by all of them.
+        world_size = 1 if trainer is None else trainer.world_size
+        state["world_size"] = world_size
+        if position.pending_gradients and trainer is not None:
             # gradients accumulated towards a step that has not happened yet (they are what the step will apply)
-            module = self._trainer.lightning_module
-            state["gradients"] = {
-                name: None if p.grad is None else p.grad.detach().clone() for name, p in module.named_parameters()
-            }
+            state["gradients"] = self._gathered(
+                {
+                    name: p.grad.detach().clone()
+                    for name, p in trainer.lightning_module.named_parameters()
+                    if p.grad is not None
+                }
+            )
         if self.streaming:
             state["lanes"] = position.lanes
-            state["carried"] = position.carried
-            state["unfinished"] = position.unfinished
+            state["carried"] = self._gathered(position.carried)
+            unfinished = None if position.unfinished is None else position.unfinished.to(torch.uint8)
+            state["unfinished"] = self._gathered(unfinished)
         return state
+
+    def _gathered(self, value: Any) -> Any:
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1:
+            return value
+        return apply_to_collection(value, Tensor, lambda t: trainer.strategy.all_gather(t).cpu())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -688,6 +704,14 @@ class TBPTTCallback(Callback):
                 " batch is never trained and the result differs from one longer run. For exact resumption, choose"
                 " `max_steps` as a multiple of the optimizer steps per batch."
             )
+        saved_world = int(restored.get("world_size", 1))
+        if saved_world != trainer.world_size and (self.streaming or restored.get("gradients") is not None):
+            raise ConfigurationError(
+                f"Expected to resume with the {saved_world} processes the checkpoint was saved with, whose lanes (or"
+                f" accumulated gradients) it holds, but got `Trainer.world_size={trainer.world_size}`. Resume with"
+                f" {saved_world} processes, or from a checkpoint saved at the end of an epoch."
+            )
+        restored = self._own_part(restored, trainer)
         if self._schedule is not None:
             self._schedule.accumulated = int(restored.get("accumulated", 0))
         gradients = restored.get("gradients")
@@ -713,7 +737,18 @@ class TBPTTCallback(Callback):
             self._lanes[_TRAIN] = int(restored["lanes"])
             self._lanes_restored.add(_TRAIN)
         unfinished = restored.get("unfinished")
-        self._unfinished[_TRAIN] = None if unfinished is None else unfinished.cpu()
+        self._unfinished[_TRAIN] = None if unfinished is None else unfinished.cpu().bool()
+
+    @staticmethod
+    def _own_part(restored: dict[str, Any], trainer: "pl.Trainer") -> dict[str, Any]:
+        """The part of a checkpoint gathered from several processes that belongs to this process."""
+        if int(restored.get("world_size", 1)) == 1:
+            return restored
+        rank = trainer.global_rank
+        own = dict(restored)
+        for key in ("gradients", "carried", "unfinished"):
+            own[key] = apply_to_collection(restored.get(key), Tensor, lambda t: t[rank])
+        return own
 
     def _teardown(self) -> None:
         self._restored = None

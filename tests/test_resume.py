@@ -1,5 +1,8 @@
 """Checkpoints in streaming mode: resuming after any batch gives exactly the parameters of an uninterrupted run."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -210,3 +213,51 @@ def test_resuming_after_max_steps_stopped_inside_a_batch_warns(tmp_path):
     fit_recording(tmp_path, [streaming(), every], max_steps=4, enable_checkpointing=True)  # stops inside batch 1
     with pytest.warns(UserWarning, match=r"`max_steps` stopped batch 1 of its epoch before its last segment"):
         fit_recording(tmp_path, [streaming()], tmp_path / "partial.ckpt")
+
+
+DDP_PROBE = """
+import sys, warnings
+from pathlib import Path
+warnings.filterwarnings("ignore")
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from lightning_tbptt import TBPTTCallback
+from tests.helpers import make_trainer
+from tests.test_resume import SEGMENT, StreamRegressor, stream_data
+
+mode, root = sys.argv[1], Path(sys.argv[2])
+torch.manual_seed(0)
+model = StreamRegressor().double()
+callbacks = [TBPTTCallback(SEGMENT, streaming=True, resets="starts")]
+if mode == "uninterrupted":
+    callbacks.append(ModelCheckpoint(root, "{step}", every_n_train_steps=6, save_top_k=-1))
+trainer = make_trainer(
+    root, callbacks, max_epochs=1, enable_checkpointing=mode == "uninterrupted", strategy="ddp", devices=2
+)
+trainer.fit(model, datamodule=stream_data(), ckpt_path=None if mode == "uninterrupted" else root / "step=6.ckpt")
+if trainer.global_rank == 0:
+    torch.save(model.state_dict(), root / f"{mode}.pt")
+"""
+
+
+def test_a_streaming_checkpoint_of_two_processes_resumes_each_process_exactly(tmp_path):
+    script = tmp_path / "ddp_probe.py"
+    script.write_text(DDP_PROBE)
+    root = Path(__file__).resolve().parent.parent
+    environment = {**os.environ, "PYTHONPATH": str(root)}
+    for mode in ("uninterrupted", "resumed"):
+        subprocess.run(
+            [sys.executable, str(script), mode, str(tmp_path)],
+            cwd=root,
+            env=environment,
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
+    state = torch.load(tmp_path / "step=6.ckpt", weights_only=False)["callbacks"]["TBPTTCallback"]
+    assert state["world_size"] == 2
+    assert state["carried"]["rnn"][0].shape == (2, 1, 2, 8), "(rank, layers, lanes of the rank, hidden)"
+    assert not torch.equal(state["carried"]["rnn"][0][0], state["carried"]["rnn"][0][1])
+    uninterrupted = torch.load(tmp_path / "uninterrupted.pt")
+    resumed = torch.load(tmp_path / "resumed.pt")
+    assert all(torch.allclose(uninterrupted[key], resumed[key], rtol=0, atol=1e-12) for key in uninterrupted)
