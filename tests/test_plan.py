@@ -114,5 +114,5 @@ def test_custom_segments_must_follow_the_sequence_rule():
     plan = plan_custom_segments([(torch.zeros(2, 3, 1),), ("no tensor",)], time_dim=1, source="Mine.split_batch")
     iterator = iter(plan)
     assert next(iterator).info.mask.shape == (2, 3)
-    with pytest.raises(BatchError, match=r"In segment 1 returned by `Mine.split_batch`: Expected the training batch"):
+    with pytest.raises(BatchError, match=r"In segment 1 returned by `Mine.split_batch`: Expected the batch"):
         next(iterator)
