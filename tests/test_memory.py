@@ -102,15 +102,20 @@ print(json.dumps({"peak_mib": peak_mib()}))
 """
 
 
-def peak_memory_mib(length: int, mode: str) -> float:
+def probe_peak_mib(probe: str, length: int, mode: str) -> float:
+    """Run ``probe`` in a fresh process and return the peak resident memory it reports."""
     result = subprocess.run(
-        [sys.executable, "-c", PEAK_MIB + PROBE, str(length), mode],
+        [sys.executable, "-c", PEAK_MIB + probe, str(length), mode],
         capture_output=True,
         text=True,
         check=True,
         timeout=300,
     )
     return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
+
+
+def peak_memory_mib(length: int, mode: str) -> float:
+    return probe_peak_mib(PROBE, length, mode)
 
 
 def test_peak_memory_is_flat_in_sequence_length():
@@ -154,14 +159,7 @@ print(json.dumps({"peak_mib": peak_mib()}))
 
 
 def evaluation_peak_mib(length: int, mode: str) -> float:
-    result = subprocess.run(
-        [sys.executable, "-c", PEAK_MIB + EVALUATION_PROBE, str(length), mode],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    )
-    return float(json.loads(result.stdout.strip().splitlines()[-1])["peak_mib"])
+    return probe_peak_mib(EVALUATION_PROBE, length, mode)
 
 
 def test_evaluation_memory_is_flat_in_sequence_length():
