@@ -60,10 +60,14 @@ class _Position:
     num_batches: float = 0
     accumulated: int = 0
     partial: bool = False
-    pending_gradients: bool = False
+    gradients: dict[str, Tensor] | None = None
+    """Gradients accumulated towards an optimizer step that has not happened yet (``None``: none pending)."""
     lanes: int | None = None
     carried: dict[str, Any] = dataclasses.field(default_factory=dict)
     unfinished: Tensor | None = None
+    world_size: int = 1
+    in_batch: bool = False
+    """Set while a batch runs: a checkpoint taken then holds parameters from the middle of the batch."""
 
 
 def _check_bool(value: Any, argument: str) -> bool:
@@ -358,35 +362,29 @@ class TBPTTCallback(Callback):
             "mid_epoch": 0 < position.batches_done < position.num_batches,
             "accumulated": position.accumulated,
             "partial": position.partial,
+            "in_batch": position.in_batch,
             "streaming": self.streaming,
+            "world_size": position.world_size,
         }
-        trainer = self._trainer
         # Every process holds its own lanes (and, between the synchronised steps, its own gradients): with several
         # processes these are gathered, each tensor gaining a leading dimension indexed by rank. Lightning builds a
-        # checkpoint on every rank, so the collective is reached by all of them.
-        world_size = 1 if trainer is None else trainer.world_size
-        state["world_size"] = world_size
-        if position.pending_gradients and trainer is not None:
-            # gradients accumulated towards a step that has not happened yet (they are what the step will apply)
-            state["gradients"] = self._gathered(
-                {
-                    name: p.grad.detach().clone()
-                    for name, p in trainer.lightning_module.named_parameters()
-                    if p.grad is not None
-                }
-            )
+        # checkpoint on every rank at the same point, so all of them reach the collective; outside a fit (after an
+        # exception) nothing is gathered, and such a checkpoint cannot resume several processes.
+        gather = position.world_size > 1 and self._trainer is not None and not position.in_batch
+        state["gathered"] = gather
+        if position.gradients is not None:
+            state["gradients"] = self._gathered(position.gradients) if gather else position.gradients
         if self.streaming:
             state["lanes"] = position.lanes
-            state["carried"] = self._gathered(position.carried)
+            state["carried"] = self._gathered(position.carried) if gather else position.carried
             unfinished = None if position.unfinished is None else position.unfinished.to(torch.uint8)
-            state["unfinished"] = self._gathered(unfinished)
+            state["unfinished"] = self._gathered(unfinished) if gather else unfinished
         return state
 
     def _gathered(self, value: Any) -> Any:
-        trainer = self._trainer
-        if trainer is None or trainer.world_size == 1:
-            return value
-        return apply_to_collection(value, Tensor, lambda t: trainer.strategy.all_gather(t).cpu())
+        strategy = None if self._trainer is None else self._trainer.strategy
+        assert strategy is not None
+        return apply_to_collection(value, Tensor, lambda t: strategy.all_gather(t).cpu())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -600,6 +598,7 @@ class TBPTTCallback(Callback):
         trainer = self._trainer
         plan = self._plan(context.kwargs["batch"])
         self._begin_batch(_TRAIN, plan)
+        self._position.in_batch = True
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
         hiddens = None
         output: dict[str, Any] = {}
@@ -642,11 +641,25 @@ class TBPTTCallback(Callback):
             num_batches=trainer.num_training_batches,
             accumulated=self._schedule.accumulated,
             partial=partial,
-            pending_gradients=pending,
+            gradients=self._current_gradients(trainer) if pending else None,
             lanes=self._lanes.get(_TRAIN),
             carried=dict(carrier.carried_in(_TRAIN)),
             unfinished=self._unfinished.get(_TRAIN),
+            world_size=trainer.world_size,
         )
+
+    @staticmethod
+    def _current_gradients(trainer: "pl.Trainer") -> dict[str, Tensor]:
+        module = trainer.lightning_module
+        return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+
+    @override
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # Lightning releases the gradients before validating inside a fit (`on_validation_model_zero_grad`): what a
+        # checkpoint taken from now on must restore is what is left of them.
+        position = self._position
+        if trainer.state.fn == "fit" and position.gradients is not None:
+            position.gradients = self._current_gradients(trainer)
 
     def _run_evaluation(
         self, name: str, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -692,20 +705,31 @@ class TBPTTCallback(Callback):
 
     def _resume(self, trainer: "pl.Trainer", restored: dict[str, Any]) -> None:
         """Continue the epoch of a checkpoint saved mid-epoch: its position, accumulation and carried state."""
-        self._position = _Position(
-            epoch=int(restored["epoch"]),
-            batches_done=int(restored["batches_done"]),
-            num_batches=trainer.num_training_batches,
-        )
+        batch = int(restored["batches_done"])
         if restored.get("partial"):
             rank_zero_warn(
-                f"The checkpoint being resumed was saved after `max_steps` stopped batch {restored['batches_done'] - 1}"
-                " of its epoch before its last segment; training continues with the next batch, so the rest of that"
-                " batch is never trained and the result differs from one longer run. For exact resumption, choose"
-                " `max_steps` as a multiple of the optimizer steps per batch."
+                f"The checkpoint being resumed was saved after `max_steps` stopped batch {batch - 1} of its epoch"
+                " before its last segment; training continues with the next batch, so the rest of that batch is never"
+                " trained and the result differs from one longer run. For exact resumption, choose `max_steps` as a"
+                " multiple of the optimizer steps per batch."
+            )
+        if restored.get("in_batch"):
+            rank_zero_warn(
+                f"The checkpoint being resumed was saved while batch {batch} of its epoch was running (e.g. on an"
+                " exception or a signal): its parameters include some of that batch's segments, which are trained"
+                " again from the batch's start. For exact resumption, resume from a checkpoint saved between batches"
+                " (e.g. by `ModelCheckpoint`)."
             )
         saved_world = int(restored.get("world_size", 1))
-        if saved_world != trainer.world_size and (self.streaming or restored.get("gradients") is not None):
+        needs_processes = self.streaming or restored.get("gradients") is not None
+        if needs_processes and saved_world > 1 and not restored.get("gathered", False):
+            raise ConfigurationError(
+                f"Expected the checkpoint to hold the lanes (or accumulated gradients) of its {saved_world} processes"
+                " but it was saved outside a point where they could be gathered (e.g. on an exception), with one"
+                " process's only. Resume from a checkpoint saved by `ModelCheckpoint`, or from one saved at the end"
+                " of an epoch."
+            )
+        if needs_processes and saved_world != trainer.world_size:
             raise ConfigurationError(
                 f"Expected to resume with the {saved_world} processes the checkpoint was saved with, whose lanes (or"
                 f" accumulated gradients) it holds, but got `Trainer.world_size={trainer.world_size}`. Resume with"
@@ -720,8 +744,22 @@ class TBPTTCallback(Callback):
                 saved = gradients.get(name)
                 parameter.grad = None if saved is None else saved.to(parameter.device)
         self._reset_stream(_TRAIN)
-        if not self.streaming:
-            return
+        if self.streaming:
+            self._restore_stream(trainer, restored)
+        # a checkpoint taken before the first resumed batch ends must hold all of this again
+        self._position = _Position(
+            epoch=int(restored["epoch"]),
+            batches_done=batch,
+            num_batches=trainer.num_training_batches,
+            accumulated=int(restored.get("accumulated", 0)),
+            gradients=None if gradients is None else dict(gradients),
+            lanes=self._lanes.get(_TRAIN),
+            carried=dict(self._ensure_carrier().carried_in(_TRAIN)),
+            unfinished=self._unfinished.get(_TRAIN),
+            world_size=trainer.world_size,
+        )
+
+    def _restore_stream(self, trainer: "pl.Trainer", restored: dict[str, Any]) -> None:
         device = trainer.strategy.root_device
         carried = restored.get("carried") or {}
         carrier = self._ensure_carrier()
@@ -742,7 +780,7 @@ class TBPTTCallback(Callback):
     @staticmethod
     def _own_part(restored: dict[str, Any], trainer: "pl.Trainer") -> dict[str, Any]:
         """The part of a checkpoint gathered from several processes that belongs to this process."""
-        if int(restored.get("world_size", 1)) == 1:
+        if not restored.get("gathered", False):
             return restored
         rank = trainer.global_rank
         own = dict(restored)

@@ -62,21 +62,35 @@ _ARRAY = "input"  # the field of array (not mapping) sequences
 _MAX_OPEN_MAPS = 128  # memory maps kept open per process; each holds a file descriptor
 
 
-_open_files: "OrderedDict[tuple[int, str], int]" = OrderedDict()
+_open_files: "OrderedDict[tuple[int, str, tuple[int, int, int]], int]" = OrderedDict()
 
 
-def _file_descriptor(filename: str) -> int:
-    """A read-only descriptor of ``filename`` for this process (the least recently used one is closed past 128)."""
-    key = (os.getpid(), filename)
+def _identity(filename: str) -> tuple[int, int, int]:
+    """What tells one file from another stored at the same path later: device, inode, modification time."""
+    status = os.stat(filename)
+    return status.st_dev, status.st_ino, status.st_mtime_ns
+
+
+def _file_descriptor(filename: str, identity: tuple[int, int, int]) -> int:
+    """A read-only descriptor of the file ``identity`` at ``filename``, for this process (at most 128 stay open)."""
+    key = (os.getpid(), filename, identity)
     if key in _open_files:
         _open_files.move_to_end(key)
         return _open_files[key]
-    _open_files[key] = os.open(filename, os.O_RDONLY)
+    descriptor = os.open(filename, os.O_RDONLY)
+    status = os.fstat(descriptor)
+    if (status.st_dev, status.st_ino, status.st_mtime_ns) != identity:
+        os.close(descriptor)
+        raise BatchError(
+            f"Expected {filename!r} to be the file the stream was built from but it was replaced or modified since."
+            " Build the stream again after changing its files."
+        )
+    _open_files[key] = descriptor
     while len(_open_files) > _MAX_OPEN_MAPS:
-        (pid, _), descriptor = _open_files.popitem(last=False)
+        (pid, _, _), evicted = _open_files.popitem(last=False)
         if pid == os.getpid():
-            os.close(descriptor)
-    return _open_files[key]
+            os.close(evicted)
+    return descriptor
 
 
 def _read_into(descriptor: int, target: "np.ndarray[Any, Any]", position: int) -> None:
@@ -141,6 +155,7 @@ class _Mapped:
         mapped_from = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY
         start = mapped_from + array.ctypes.data - np.frombuffer(buffer, dtype=np.uint8).ctypes.data
         self.filename, self.offset, self.order = str(array.filename), int(start), order
+        self.identity = _identity(self.filename)
         self.shape: tuple[int, ...] = tuple(array.shape)
         self.numpy_dtype = array.dtype
         self.dtype = _torch_dtype(array.dtype, where)
@@ -152,7 +167,7 @@ class _Mapped:
             # a positioned read: the file's pages are not mapped into this process, so reading a long stream does not
             # grow its resident memory (the operating system's page cache may still keep them)
             row_bytes = self.numpy_dtype.itemsize * math.prod(self.shape[1:])
-            _read_into(_file_descriptor(self.filename), target, self.offset + begin * row_bytes)
+            _read_into(_file_descriptor(self.filename, self.identity), target, self.offset + begin * row_bytes)
             return
         array = _open_map(self.filename, self.numpy_dtype, self.shape, self.offset, self.order)
         target[...] = array[begin:end]

@@ -128,6 +128,14 @@ def find_recurrent_modules(
     return found
 
 
+def _input_argument(module: nn.Module) -> str:
+    """Return the name of the parameter through which ``module.forward`` takes its input (the first one)."""
+    if isinstance(module, nn.RNNBase):
+        return "input"
+    parameters = list(inspect.signature(module.forward).parameters)
+    return parameters[0] if parameters else "input"
+
+
 def _state_argument(name: str, module: nn.Module) -> str:
     """Return the name of the parameter through which ``module.forward`` takes its state (the second one)."""
     if isinstance(module, nn.RNNBase):
@@ -199,6 +207,7 @@ class StateCarrier:
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
         self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else None for name, module in modules.items()}
+        self._input_names = {name: _input_argument(module) for name, module in modules.items()}
         self._time_dims = {
             name: (1 if module.batch_first else 0) if isinstance(module, nn.RNNBase) else time_dim
             for name, module in modules.items()
@@ -366,7 +375,8 @@ class StateCarrier:
         the same pieces.
         """
         by_keyword = not args
-        inputs = kwargs.get("input") if by_keyword else args[0]
+        input_name = self._input_names[name]
+        inputs = kwargs.get(input_name) if by_keyword else args[0]
         time_dim = self._time_dims[name]
         if not isinstance(inputs, Tensor) or inputs.dim() <= time_dim or inputs.shape[time_dim] != resets.length:
             got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
@@ -377,7 +387,7 @@ class StateCarrier:
                 " sequences only at batch boundaries."
             )
         extra_args = args[2:]
-        extra_kwargs = {key: value for key, value in kwargs.items() if key not in ("input", argument)}
+        extra_kwargs = {key: value for key, value in kwargs.items() if key not in (input_name, argument)}
 
         def cut(value: Any, start: int, stop: int) -> Any:
             if isinstance(value, Tensor) and value.dim() > time_dim and value.shape[time_dim] == resets.length:
@@ -402,7 +412,7 @@ class StateCarrier:
         self._pieces[name] = (outputs, time_dim)
         last_input, last_args, last_kwargs = piece(start, resets.length)
         if by_keyword:
-            return (), {"input": last_input, **last_kwargs}, state
+            return (), {input_name: last_input, **last_kwargs}, state
         if len(args) >= 2:  # the state was given positionally (as None): it stays there
             return (last_input, None, *last_args), last_kwargs, state
         return (last_input,), last_kwargs, state

@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
+import lightning_tbptt.data
 from lightning_tbptt import BatchError, ConfigurationError
 from lightning_tbptt.data import LaneDataModule, LaneStream
 from tests.helpers import PEAK_MIB
@@ -580,3 +581,17 @@ def test_reading_a_whole_file_does_not_grow_resident_memory(tmp_path):
         [sys.executable, "-c", PEAK_MIB + READ_PROBE, str(path)], capture_output=True, text=True, check=True
     )
     assert json.loads(result.stdout)["grown_mib"] < 32
+
+
+def test_a_file_replaced_at_the_same_path_is_read_anew_or_refused(tmp_path):
+    path = tmp_path / "data.npy"
+    np.save(path, np.arange(8))
+    old = LaneStream(str(path), lanes=1, steps=4)
+    assert next(iter(old))["input"].tolist() == [[0, 1, 2, 3]]
+    path.unlink()
+    np.save(path, np.arange(1000, 1012))
+    assert next(iter(LaneStream(str(path), lanes=1, steps=4)))["input"].tolist() == [[1000, 1001, 1002, 1003]]
+    assert next(iter(old))["input"].tolist() == [[0, 1, 2, 3]], "an open stream keeps reading the file it opened"
+    lightning_tbptt.data._open_files.clear()  # as in a new worker process, where the old file cannot be opened
+    with pytest.raises(BatchError, match=r"to be the file the stream was built from but it was replaced"):
+        next(iter(old))

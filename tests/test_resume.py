@@ -261,3 +261,58 @@ def test_a_streaming_checkpoint_of_two_processes_resumes_each_process_exactly(tm
     uninterrupted = torch.load(tmp_path / "uninterrupted.pt")
     resumed = torch.load(tmp_path / "resumed.pt")
     assert all(torch.allclose(uninterrupted[key], resumed[key], rtol=0, atol=1e-12) for key in uninterrupted)
+
+
+class StopsAt(pl.Callback):
+    """Raises at the end (or, with `at_start`, the start) of a given batch, as a pre-empted job would stop."""
+
+    def __init__(self, batch: int, at_start: bool = False) -> None:
+        self.batch, self.at_start = batch, at_start
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: Any, batch: Any, batch_idx: int) -> None:
+        if self.at_start and batch_idx == self.batch:
+            raise InterruptedError("stop")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if not self.at_start and batch_idx == self.batch:
+            raise InterruptedError("stop")
+
+
+def stop_and_save(tmp_path: Path, stopper: StopsAt, name: str, ckpt_path: Path | None = None, **kwargs: Any) -> Path:
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, [streaming(**kwargs.pop("callback", {})), stopper], max_epochs=2, **kwargs)
+    with pytest.raises(InterruptedError):
+        trainer.fit(Recording().double(), datamodule=stream_data(), ckpt_path=ckpt_path)
+    trainer.save_checkpoint(tmp_path / name)  # as OnExceptionCheckpoint does: after the callback has torn down
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_checkpoint_saved_after_an_exception_between_batches_resumes_exactly(tmp_path, batch):
+    model, _ = fit_recording(tmp_path, [streaming()], accumulate_grad_batches=2)
+    path = stop_and_save(tmp_path, StopsAt(batch), "stopped.ckpt", accumulate_grad_batches=2)
+    state = torch.load(path, weights_only=False)["callbacks"]["TBPTTCallback"]
+    assert ("gradients" in state) == (batch == 2), "batch 2 ends in the middle of an accumulation of 2 x 3 segments"
+    resumed, _ = fit_recording(tmp_path, [streaming()], path, accumulate_grad_batches=2)
+    assert parameters_equal(resumed, model, rtol=0, atol=1e-12)
+
+
+def test_a_checkpoint_saved_before_the_first_resumed_batch_ends_resumes_exactly(tmp_path, uninterrupted):
+    model, directory, _ = uninterrupted
+    path = stop_and_save(tmp_path, StopsAt(2, at_start=True), "again.ckpt", checkpoint(directory, "epoch=0-step=6"))
+    resumed, _ = fit_recording(tmp_path, [streaming()], path)
+    assert parameters_equal(resumed, model, rtol=0, atol=1e-12)
+
+
+class SavesInsideBatch(Recording):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 2 and len(self.seen) == 7:  # the second segment of batch 2
+            self.trainer.save_checkpoint(self.trainer.default_root_dir + "/inside.ckpt")
+        return super().training_step(batch, batch_idx)
+
+
+def test_resuming_a_checkpoint_saved_inside_a_batch_warns(tmp_path):
+    trainer = make_trainer(tmp_path, [streaming()], max_epochs=1)
+    trainer.fit(SavesInsideBatch().double(), datamodule=stream_data())
+    with pytest.warns(UserWarning, match=r"saved while batch 2 of its epoch was running"):
+        fit_recording(tmp_path, [streaming()], tmp_path / "inside.ckpt")

@@ -298,3 +298,24 @@ def test_per_step_arguments_of_a_custom_cell_are_cut_at_a_reset_too():
     assert torch.allclose(out[:1, 4:], cell(x[:1, 4:], mask=mask[:1, 4:])[0])
     assert torch.allclose(out[1:], cell(x[1:], mask=mask[1:])[0])
     carrier.remove()
+
+
+def test_a_custom_cell_given_its_input_by_keyword_is_split_at_a_reset():
+    class Cell(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.GRU(3, 4, batch_first=True)
+
+        def forward(self, x: torch.Tensor, h: Any = None) -> tuple[torch.Tensor, Any]:
+            return self.rnn(x, h)
+
+    torch.manual_seed(0)
+    cell = Cell().double()
+    carrier = StateCarrier({"cell": cell})
+    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    starts = torch.zeros(2, 6, dtype=torch.bool)
+    starts[0, 3] = True
+    with carrier.segment(starts=starts):
+        out, _ = cell(x=x)
+    assert torch.allclose(out[:1, 3:], cell(x[:1, 3:])[0])
+    carrier.remove()
