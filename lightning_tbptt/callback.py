@@ -60,8 +60,8 @@ class _Position:
     num_batches: float = 0
     accumulated: int = 0
     partial: bool = False
-    gradients: dict[str, Tensor] | None = None
-    """Gradients accumulated towards an optimizer step that has not happened yet (``None``: none pending)."""
+    pending_gradients: bool = False
+    """Whether the parameters' gradients are accumulated towards an optimizer step that has not happened yet."""
     lanes: int | None = None
     carried: dict[str, Any] = dataclasses.field(default_factory=dict)
     unfinished: Tensor | None = None
@@ -221,6 +221,7 @@ class TBPTTCallback(Callback):
         self._eval_dataloader: int | None = None
         # where the training epoch stands after the last batch, for checkpoints
         self._position = _Position()
+        self._module: pl.LightningModule | None = None
         self._restored: dict[str, Any] | None = None
         self._resumed_epoch: int | None = None
 
@@ -284,6 +285,7 @@ class TBPTTCallback(Callback):
             )
         if stage != "fit" and not self.evaluate:
             return
+        self._module = pl_module  # kept after teardown: a checkpoint saved after a fit reads its gradients
         self._fit_segment_length = self._resolve_segment_length(pl_module)
         self._check_splitting(pl_module)
         self._transfer = self._resolve_transfer(trainer, pl_module)
@@ -372,8 +374,11 @@ class TBPTTCallback(Callback):
         # exception) nothing is gathered, and such a checkpoint cannot resume several processes.
         gather = position.world_size > 1 and self._trainer is not None and not position.in_batch
         state["gathered"] = gather
-        if position.gradients is not None:
-            state["gradients"] = self._gathered(position.gradients) if gather else position.gradients
+        if position.pending_gradients and not position.in_batch and self._module is not None:
+            # read now rather than copied after every batch: between batches only Lightning's release before
+            # validation changes them, and a checkpoint must then hold what is left
+            gradients = {name: p.grad.detach() for name, p in self._module.named_parameters() if p.grad is not None}
+            state["gradients"] = self._gathered(gradients) if gather else {k: g.clone() for k, g in gradients.items()}
         if self.streaming:
             state["lanes"] = position.lanes
             state["carried"] = self._gathered(position.carried) if gather else position.carried
@@ -641,25 +646,12 @@ class TBPTTCallback(Callback):
             num_batches=trainer.num_training_batches,
             accumulated=self._schedule.accumulated,
             partial=partial,
-            gradients=self._current_gradients(trainer) if pending else None,
+            pending_gradients=pending,
             lanes=self._lanes.get(_TRAIN),
             carried=dict(carrier.carried_in(_TRAIN)),
             unfinished=self._unfinished.get(_TRAIN),
             world_size=trainer.world_size,
         )
-
-    @staticmethod
-    def _current_gradients(trainer: "pl.Trainer") -> dict[str, Tensor]:
-        module = trainer.lightning_module
-        return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
-
-    @override
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # Lightning releases the gradients before validating inside a fit (`on_validation_model_zero_grad`): what a
-        # checkpoint taken from now on must restore is what is left of them.
-        position = self._position
-        if trainer.state.fn == "fit" and position.gradients is not None:
-            position.gradients = self._current_gradients(trainer)
 
     def _run_evaluation(
         self, name: str, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -752,7 +744,7 @@ class TBPTTCallback(Callback):
             batches_done=batch,
             num_batches=trainer.num_training_batches,
             accumulated=int(restored.get("accumulated", 0)),
-            gradients=None if gradients is None else dict(gradients),
+            pending_gradients=gradients is not None,
             lanes=self._lanes.get(_TRAIN),
             carried=dict(self._ensure_carrier().carried_in(_TRAIN)),
             unfinished=self._unfinished.get(_TRAIN),
