@@ -315,6 +315,14 @@ class TBPTTCallback(Callback):
                 f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={self.streaming})` but it"
                 f" was saved with `streaming={restored.get('streaming', False)}`. Resume with the same setting."
             )
+        if restored is not None and restored.get("in_batch"):
+            rank_zero_warn(
+                f"The checkpoint being resumed was saved while batch {restored['batches_done']} of epoch"
+                f" {restored['epoch']} was running (e.g. on an exception or a signal): its parameters may include"
+                " some of that batch's segments, which are trained again from the batch's start, and gradients"
+                " accumulated before it are not saved. For exact resumption, resume from a checkpoint saved between"
+                " batches (e.g. by `ModelCheckpoint`)."
+            )
         if restored is not None and RESUME_RERUNS_LAST_BATCH:
             complete_batch_saved_at_batch_end(trainer)
         if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
@@ -370,9 +378,11 @@ class TBPTTCallback(Callback):
         }
         # Every process holds its own lanes (and, between the synchronised steps, its own gradients): with several
         # processes these are gathered, each tensor gaining a leading dimension indexed by rank. Lightning builds a
-        # checkpoint on every rank at the same point, so all of them reach the collective; outside a fit (after an
-        # exception) nothing is gathered, and such a checkpoint cannot resume several processes.
-        gather = position.world_size > 1 and self._trainer is not None and not position.in_batch
+        # checkpoint on every rank at the same point, so all of them reach the collective. Nothing is gathered after
+        # a failure (the other processes may not be saving, and a collective would wait for them forever) or inside
+        # a batch; such a checkpoint cannot resume several processes.
+        trainer = self._trainer
+        gather = position.world_size > 1 and trainer is not None and not trainer.interrupted and not position.in_batch
         state["gathered"] = gather
         if position.pending_gradients and not position.in_batch and self._module is not None:
             # read now rather than copied after every batch: between batches only Lightning's release before
@@ -704,13 +714,6 @@ class TBPTTCallback(Callback):
                 " before its last segment; training continues with the next batch, so the rest of that batch is never"
                 " trained and the result differs from one longer run. For exact resumption, choose `max_steps` as a"
                 " multiple of the optimizer steps per batch."
-            )
-        if restored.get("in_batch"):
-            rank_zero_warn(
-                f"The checkpoint being resumed was saved while batch {batch} of its epoch was running (e.g. on an"
-                " exception or a signal): its parameters include some of that batch's segments, which are trained"
-                " again from the batch's start. For exact resumption, resume from a checkpoint saved between batches"
-                " (e.g. by `ModelCheckpoint`)."
             )
         saved_world = int(restored.get("world_size", 1))
         needs_processes = self.streaming or restored.get("gradients") is not None

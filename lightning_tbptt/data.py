@@ -62,16 +62,23 @@ _ARRAY = "input"  # the field of array (not mapping) sequences
 _MAX_OPEN_MAPS = 128  # memory maps kept open per process; each holds a file descriptor
 
 
-_open_files: "OrderedDict[tuple[int, str, tuple[int, int, int]], int]" = OrderedDict()
+_open_files: "OrderedDict[tuple[int, str, tuple[int, ...]], int]" = OrderedDict()
 
 
-def _identity(filename: str) -> tuple[int, int, int]:
-    """What tells one file from another stored at the same path later: device, inode, modification time."""
+def _identity(filename: str) -> tuple[int, ...]:
+    """What tells one file from another stored at the same path later: device, inode, size, modification time."""
     status = os.stat(filename)
-    return status.st_dev, status.st_ino, status.st_mtime_ns
+    return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
 
 
-def _file_descriptor(filename: str, identity: tuple[int, int, int]) -> int:
+def _replaced(filename: str) -> BatchError:
+    return BatchError(
+        f"Expected {filename!r} to be the file the stream was built from but it was replaced or modified since."
+        " Build the stream again after changing its files."
+    )
+
+
+def _file_descriptor(filename: str, identity: tuple[int, ...]) -> int:
     """A read-only descriptor of the file ``identity`` at ``filename``, for this process (at most 128 stay open)."""
     key = (os.getpid(), filename, identity)
     if key in _open_files:
@@ -79,12 +86,9 @@ def _file_descriptor(filename: str, identity: tuple[int, int, int]) -> int:
         return _open_files[key]
     descriptor = os.open(filename, os.O_RDONLY)
     status = os.fstat(descriptor)
-    if (status.st_dev, status.st_ino, status.st_mtime_ns) != identity:
+    if (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns) != identity:
         os.close(descriptor)
-        raise BatchError(
-            f"Expected {filename!r} to be the file the stream was built from but it was replaced or modified since."
-            " Build the stream again after changing its files."
-        )
+        raise _replaced(filename)
     _open_files[key] = descriptor
     while len(_open_files) > _MAX_OPEN_MAPS:
         (pid, _, _), evicted = _open_files.popitem(last=False)
@@ -105,9 +109,16 @@ def _read_into(descriptor: int, target: "np.ndarray[Any, Any]", position: int) -
 
 @functools.lru_cache(maxsize=_MAX_OPEN_MAPS)
 def _open_map(
-    filename: str, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int, order: Literal["C", "F"]
+    filename: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    offset: int,
+    order: Literal["C", "F"],
+    identity: tuple[int, ...],
 ) -> np.memmap:
     # per process: a forked worker inherits the open maps, an unpickled copy opens its own
+    if _identity(filename) != identity:
+        raise _replaced(filename)
     return np.memmap(filename, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
 
 
@@ -169,7 +180,7 @@ class _Mapped:
             row_bytes = self.numpy_dtype.itemsize * math.prod(self.shape[1:])
             _read_into(_file_descriptor(self.filename, self.identity), target, self.offset + begin * row_bytes)
             return
-        array = _open_map(self.filename, self.numpy_dtype, self.shape, self.offset, self.order)
+        array = _open_map(self.filename, self.numpy_dtype, self.shape, self.offset, self.order, self.identity)
         target[...] = array[begin:end]
 
 

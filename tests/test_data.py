@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import pickle
 import subprocess
 import sys
@@ -595,3 +596,13 @@ def test_a_file_replaced_at_the_same_path_is_read_anew_or_refused(tmp_path):
     lightning_tbptt.data._open_files.clear()  # as in a new worker process, where the old file cannot be opened
     with pytest.raises(BatchError, match=r"to be the file the stream was built from but it was replaced"):
         next(iter(old))
+
+
+def test_a_big_endian_file_replaced_at_the_same_path_is_read_anew(tmp_path):
+    """Arrays that are not in native byte order are read through a memory map, which must not be reused either."""
+    path = tmp_path / "big_endian.npy"
+    np.save(path, np.full(8, 1.0, dtype=">f4"))
+    assert next(iter(LaneStream(str(path), lanes=1, steps=4)))["input"].tolist() == [[1.0] * 4]
+    np.save(tmp_path / "new.npy", np.full(8, 2.0, dtype=">f4"))
+    os.replace(tmp_path / "new.npy", path)
+    assert next(iter(LaneStream(str(path), lanes=1, steps=4)))["input"].tolist() == [[2.0] * 4]

@@ -314,5 +314,21 @@ class SavesInsideBatch(Recording):
 def test_resuming_a_checkpoint_saved_inside_a_batch_warns(tmp_path):
     trainer = make_trainer(tmp_path, [streaming()], max_epochs=1)
     trainer.fit(SavesInsideBatch().double(), datamodule=stream_data())
-    with pytest.warns(UserWarning, match=r"saved while batch 2 of its epoch was running"):
+    with pytest.warns(UserWarning, match=r"saved while batch 2 of epoch 0 was running"):
         fit_recording(tmp_path, [streaming()], tmp_path / "inside.ckpt")
+
+
+class FailsInsideBatch(Recording):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 0 and len(self.seen) == 1:  # the second segment of the epoch's first batch
+            raise InterruptedError("stop")
+        return super().training_step(batch, batch_idx)
+
+
+def test_resuming_a_checkpoint_saved_inside_the_first_batch_warns(tmp_path):
+    trainer = make_trainer(tmp_path, [streaming()], max_epochs=1)
+    with pytest.raises(InterruptedError):
+        trainer.fit(FailsInsideBatch().double(), datamodule=stream_data())
+    trainer.save_checkpoint(tmp_path / "first.ckpt")
+    with pytest.warns(UserWarning, match=r"saved while batch 0 of epoch 0 was running"):
+        fit_recording(tmp_path, [streaming()], tmp_path / "first.ckpt")
