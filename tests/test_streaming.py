@@ -263,59 +263,55 @@ def test_streaming_and_resets_need_the_callback_to_carry_the_state(tmp_path, kwa
         make_trainer(tmp_path, [TBPTTCallback(SEGMENT, **kwargs)]).fit(HiddensLaneModel(), loader_of(lane_batches()))
 
 
-def test_a_reset_inside_a_segment_with_the_state_passed_by_keyword_as_none():
-    torch.manual_seed(0)
-    lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
-    carrier = StateCarrier({"lstm": lstm})
+def reset_once(module: torch.nn.Module, name: str, row: int, step: int, call: Any) -> tuple[Any, Any]:
+    """Run ``call(module, x)`` on a ``(2, 6, 3)`` batch in one segment in which ``row`` starts anew at ``step``."""
+    module = module.double()
+    carrier = StateCarrier({name: module})
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     starts = torch.zeros(2, 6, dtype=torch.bool)
-    starts[1, 2] = True
+    starts[row, step] = True
     with carrier.segment(starts=starts):
-        out, _ = lstm(x, hx=None)
-    assert torch.allclose(out[1:, 2:], lstm(x[1:, 2:])[0])
+        out, _ = call(module, x)
     carrier.remove()
+    return x, out
+
+
+def test_a_reset_inside_a_segment_with_the_state_passed_by_keyword_as_none():
+    torch.manual_seed(0)
+    lstm = torch.nn.LSTM(3, 4, batch_first=True)
+    x, out = reset_once(lstm, "lstm", 1, 2, lambda module, x: module(x, hx=None))
+    assert torch.allclose(out[1:, 2:], lstm(x[1:, 2:])[0])
+
+
+class MaskedCell(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, state: Any = None, *, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        return self.rnn(x * mask.unsqueeze(-1), state)
 
 
 def test_per_step_arguments_of_a_custom_cell_are_cut_at_a_reset_too():
-    class MaskedCell(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = torch.nn.GRU(3, 4, batch_first=True)
-
-        def forward(self, x: torch.Tensor, state: Any = None, *, mask: torch.Tensor) -> tuple[torch.Tensor, Any]:
-            out, h = self.rnn(x * mask.unsqueeze(-1), state)
-            return out, h
-
     torch.manual_seed(0)
-    cell = MaskedCell().double()
-    carrier = StateCarrier({"cell": cell})
-    x = torch.randn(2, 6, 3, dtype=torch.float64)
+    cell = MaskedCell()
     mask = torch.rand(2, 6, dtype=torch.float64)
-    starts = torch.zeros(2, 6, dtype=torch.bool)
-    starts[0, 4] = True
-    with carrier.segment(starts=starts):
-        out, _ = cell(x, mask=mask)
+    x, out = reset_once(cell, "cell", 0, 4, lambda module, x: module(x, mask=mask))
     assert torch.allclose(out[:1, 4:], cell(x[:1, 4:], mask=mask[:1, 4:])[0])
     assert torch.allclose(out[1:], cell(x[1:], mask=mask[1:])[0])
-    carrier.remove()
+
+
+class KeywordCell(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = torch.nn.GRU(3, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor, h: Any = None) -> tuple[torch.Tensor, Any]:
+        return self.rnn(x, h)
 
 
 def test_a_custom_cell_given_its_input_by_keyword_is_split_at_a_reset():
-    class Cell(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn = torch.nn.GRU(3, 4, batch_first=True)
-
-        def forward(self, x: torch.Tensor, h: Any = None) -> tuple[torch.Tensor, Any]:
-            return self.rnn(x, h)
-
     torch.manual_seed(0)
-    cell = Cell().double()
-    carrier = StateCarrier({"cell": cell})
-    x = torch.randn(2, 6, 3, dtype=torch.float64)
-    starts = torch.zeros(2, 6, dtype=torch.bool)
-    starts[0, 3] = True
-    with carrier.segment(starts=starts):
-        out, _ = cell(x=x)
+    cell = KeywordCell()
+    x, out = reset_once(cell, "cell", 0, 3, lambda module, x: module(x=x))
     assert torch.allclose(out[:1, 3:], cell(x[:1, 3:])[0])
-    carrier.remove()
