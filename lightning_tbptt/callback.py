@@ -26,11 +26,12 @@ from lightning_tbptt._lightning_internals import (
     complete_batch_saved_at_batch_end,
     set_log_weight,
 )
+from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
-from lightning_tbptt.schedule import STEP_PER_CHOICES, OptimizationSchedule, StepPer
+from lightning_tbptt.schedule import STEP_PER_CHOICES, Decision, OptimizationSchedule, StepPer
 from lightning_tbptt.segment import Segment, running
 from lightning_tbptt.split import split_batch
 from lightning_tbptt.state import StateCarrier, detach_state, find_recurrent_modules
@@ -611,39 +612,54 @@ class TBPTTCallback(Callback):
                 " `training_step(batch, batch_idx)` instead."
             )
         trainer = self._trainer
+        schedule: OptimizationSchedule = self._schedule
         plan = self._plan(context.kwargs["batch"])
         self._begin_batch(_TRAIN, plan)
+        total = agree_on_segment_count(trainer, len(plan), automatic=context.automatic)
         self._position.in_batch = True
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
+
+        def decide(index: int) -> Decision | None:
+            if not context.automatic:
+                return None
+            return schedule.decide(
+                step_per,
+                index,
+                total,
+                accumulate_grad_batches=context.accumulate_grad_batches,
+                batch_zeroes=context.batch_zeroes,
+                batch_steps=context.batch_steps,
+            )
+
         hiddens = None
         output: dict[str, Any] = {}
         decision = None
         index = -1
+        stopped = False
         for planned in plan:
             index = planned.info.index
             kwargs = OrderedDict(context.kwargs)
             kwargs["batch"], info = self._prepare(planned)
             if self._takes_hiddens:
                 kwargs["hiddens"] = hiddens
-            decision = None
-            if context.automatic:
-                decision = self._schedule.decide(
-                    step_per,
-                    index,
-                    len(plan),
-                    accumulate_grad_batches=context.accumulate_grad_batches,
-                    batch_zeroes=context.batch_zeroes,
-                    batch_steps=context.batch_steps,
-                )
+            decision = decide(index)
             with self._running(info, _TRAIN):
                 output = run_segment(kwargs, decision, info.num_valid)
             if self._takes_hiddens:
                 hiddens = self._returned_hiddens(output, index)
-            if 0 <= trainer.max_steps <= trainer.global_step:
+            stopped = 0 <= trainer.max_steps <= trainer.global_step
+            if stopped:
                 break
-        self._record_position(
-            trainer, partial=index < len(plan) - 1, pending=decision is not None and not decision.step
-        )
+        # Other processes have more segments in this batch: take part in each of their steps with zero gradients.
+        while not stopped and index < total - 1:
+            index += 1
+            decision = decide(index)
+            kwargs = OrderedDict(context.kwargs)
+            kwargs["batch"] = None
+            with idle_training_step(trainer.lightning_module):
+                run_segment(kwargs, decision, 0)
+            stopped = 0 <= trainer.max_steps <= trainer.global_step
+        self._record_position(trainer, partial=index < total - 1, pending=decision is not None and not decision.step)
         return output
 
     def _record_position(self, trainer: "pl.Trainer", partial: bool, pending: bool) -> None:

@@ -1,0 +1,184 @@
+"""Several processes (DDP on CPU, gloo): ranks whose batches have different numbers of segments stay in step."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_tbptt.state import detach_state
+from tests.helpers import LR, MOMENTUM, SequenceRegressor
+
+SEGMENT = 4
+# per rank: batches of 2 padded sequences; (padded length, lengths). Segments run per batch with SEGMENT=4:
+# rank 0: 5 and 3, rank 1: 3 and 1, so each rank has batches where the other has more segments.
+LAYOUT = {0: [(20, [20, 13]), (20, [9, 5])], 1: [(11, [11, 4]), (20, [3, 2])]}
+WORLD = len(LAYOUT)
+
+
+def rank_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(10 + rank)
+    batches = []
+    for padded, lengths in LAYOUT[rank]:
+        x = torch.randn(2, padded, 3, generator=generator, dtype=torch.float64)
+        y = torch.randn(2, padded, 1, generator=generator, dtype=torch.float64)
+        batches.append((x, y, torch.tensor(lengths)))
+    return batches
+
+
+def masks(lengths: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    return torch.arange(start, start + size).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def reference(model: SequenceRegressor, step_per: str) -> dict[str, Any]:
+    """DDP by hand in one process: per segment index, the mean over ranks of each rank's masked loss (0 when the rank
+    has no segment left); one step per segment index, or per batch."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    squared, valid, steps = 0.0, 0, 0
+    data = {rank: rank_batches(rank) for rank in LAYOUT}
+    for b in range(len(LAYOUT[0])):
+        states: dict[int, Any] = dict.fromkeys(LAYOUT)
+        counts = {rank: -(-int(data[rank][b][2].max()) // SEGMENT) for rank in LAYOUT}
+        for index in range(max(counts.values())):
+            loss = torch.zeros((), dtype=torch.float64)
+            for rank in LAYOUT:
+                if index >= counts[rank]:
+                    continue
+                x, y, lengths = data[rank][b]
+                start = index * SEGMENT
+                size = min(SEGMENT, x.shape[1] - start)
+                out, new_state = model.rnn(x[:, start : start + size], states[rank])
+                states[rank] = detach_state(new_state)
+                mask = masks(lengths, start, size)
+                errors = (model.head(out) - y[:, start : start + size]).pow(2).squeeze(-1)
+                loss = loss + errors[mask].mean()
+                squared += float(errors[mask].detach().sum())
+                valid += int(mask.sum())
+            (loss / WORLD).backward()
+            if step_per == "segment" or index == max(counts.values()) - 1:
+                optimizer.step()
+                optimizer.zero_grad()
+                steps += 1
+    return {"steps": steps, "metric": squared / valid}
+
+
+SCRIPT = """
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.utils.data import DataLoader
+from torchmetrics import MeanSquaredError
+
+from lightning_tbptt import MaskedMetric, TBPTTCallback, masked_mean
+from tests.helpers import SequenceRegressor, make_trainer
+from tests.test_distributed import SEGMENT, rank_batches
+
+strategy_name, step_per, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+synced = []  # gradient all-reduces (DDP communication hook calls)
+reduced = []  # every all-reduce (the hook's too)
+all_reduce = torch.distributed.all_reduce
+
+
+def counting_all_reduce(*args, **kwargs):
+    reduced.append(1)
+    return all_reduce(*args, **kwargs)
+
+
+torch.distributed.all_reduce = counting_all_reduce
+
+
+def counting_hook(state, bucket):
+    synced.append(1)
+    return default_hooks.allreduce_hook(None, bucket)
+
+
+class Model(SequenceRegressor):
+    def __init__(self):
+        super().__init__(log=False)
+        self.metric = MaskedMetric(MeanSquaredError())
+        self.per_batch = []
+
+    def training_step(self, batch, batch_idx):
+        x, y, lengths = batch
+        prediction = self(x)
+        self.metric.update(prediction.squeeze(-1), y.squeeze(-1))
+        return masked_mean((prediction - y).pow(2).squeeze(-1))
+
+    def train_dataloader(self):
+        return DataLoader(rank_batches(self.trainer.global_rank), batch_size=None)
+
+    def on_train_start(self):
+        # (Lightning registers `ddp_comm_hook` on CUDA only)
+        self.trainer.strategy.model.register_comm_hook(None, counting_hook)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before = (len(reduced), len(synced))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        gradients = len(synced) - self.before[1]
+        self.per_batch.append((len(reduced) - self.before[0] - gradients, gradients))
+
+    def on_train_end(self):
+        # saved by every process (under `ddp_spawn` only rank 0's model returns to the launching process)
+        result = {
+            "parameters": self.state_dict(),
+            "global_step": self.trainer.global_step,
+            "per_batch": self.per_batch,
+            "metric": float(self.metric.compute()),
+        }
+        torch.save(result, root / f"rank{self.trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = Model().double()
+    callback = TBPTTCallback(SEGMENT, step_per=step_per, lengths=2)
+    options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
+    make_trainer(root, [callback], **options).fit(model)
+"""
+
+
+def run_ddp(tmp_path: Path, strategy: str, step_per: str) -> list[dict[str, Any]]:
+    script = tmp_path / "ddp_segments.py"
+    script.write_text(SCRIPT)
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run(
+        [sys.executable, str(script), strategy, step_per, str(tmp_path)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        check=True,
+        timeout=240,  # a rank waiting for a collective the other skips would hang here
+        capture_output=True,
+    )
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "step_per"),
+    [("ddp", "segment"), ("ddp", "batch"), ("ddp_spawn", "segment"), ("ddp_find_unused_parameters_true", "batch")],
+)
+def test_ranks_with_different_segment_counts_stay_identical_and_equal_the_reference(tmp_path, strategy, step_per):
+    ranks = run_ddp(tmp_path, strategy, step_per)
+    for rank in ranks:
+        assert all(torch.equal(rank["parameters"][k], ranks[0]["parameters"][k]) for k in rank["parameters"])
+    torch.manual_seed(0)  # as the script does before building its model
+    reference_model = SequenceRegressor(log=False).double()
+    expected = reference(reference_model, step_per)
+    trained = ranks[0]["parameters"]
+    for key, value in reference_model.state_dict().items():
+        assert torch.allclose(trained[key], value, rtol=0, atol=1e-10), key
+    segments_per_batch = [5, 3]  # the most any rank has
+    steps = sum(segments_per_batch) if step_per == "segment" else len(segments_per_batch)
+    assert expected["steps"] == steps
+    for rank in ranks:
+        assert rank["global_step"] == steps
+        assert rank["metric"] == pytest.approx(expected["metric"], rel=1e-6)  # float32 state, synced over both ranks
+        # one agreement all-reduce per batch; one gradient all-reduce per optimizer step (none while accumulating)
+        syncs = segments_per_batch if step_per == "segment" else [1, 1]
+        assert rank["per_batch"] == [(1, n) for n in syncs]
