@@ -37,8 +37,10 @@ from torch import Tensor
 
 from lightning_tbptt.errors import BatchError, ConfigurationError
 
-Key: TypeAlias = str | int
-LengthsSpec: TypeAlias = Key | tuple[Key, ...] | Callable[[Any], Tensor]
+Key: TypeAlias = int | str
+# In this order (int before str, callable before str) a config parser such as LightningCLI's (jsonargparse) reads
+# `2` as an index and `package.function` as a callable by its import path.
+LengthsSpec: TypeAlias = int | tuple[Key, ...] | Callable[[Any], Any] | str
 
 
 class LengthsLocation:

@@ -1,0 +1,181 @@
+"""``TBPTTCallback`` set up from a ``LightningCLI`` config like any Lightning callback, in real ``fit`` runs."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.cli import LightningCLI
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_tbptt import ConfigurationError, TBPTTCallback, masked_mean
+
+# 12 padded sequences of 10 steps in batches of 4, the first 2 batches run, segments of 3: 4 segments per batch
+SEQUENCES, STEPS, BATCH_SIZE, BATCHES, SEGMENT_LENGTH = 12, 10, 4, 2, 3
+SEGMENTS = -(-STEPS // SEGMENT_LENGTH)
+# a batch's lengths are 10, 9, 8, 7: what `training_step` sees in `batch["lengths"]`, segment by segment
+SEGMENT_LENGTHS = [[3, 3, 3, 3], [3, 3, 3, 3], [3, 3, 2, 1], [1, 0, 0, 0]]
+
+CALLBACK = """
+  callbacks:
+    - class_path: lightning_tbptt.TBPTTCallback
+      init_args:
+        segment_length: {segment_length}
+        step_per: {step_per}
+        lengths: {lengths}
+"""
+
+
+class PaddedRegressor(pl.LightningModule):
+    """An LSTM regressor of padded dict batches ``{"x", "y", "lengths"}``, written for short sequences."""
+
+    def __init__(self, hidden_size: int = 6, lr: float = 0.1) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(2, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, 1)
+        self.lr = lr
+        self.seen_lengths: list[list[int]] = []
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self.seen_lengths.append(batch["lengths"].tolist())
+        out, _ = self.rnn(batch["x"])
+        return masked_mean(F.mse_loss(self.head(out), batch["y"], reduction="none"))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class PaddedData(pl.LightningDataModule):
+    def __init__(self, batch_size: int = BATCH_SIZE) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+
+    def train_dataloader(self) -> DataLoader[dict[str, torch.Tensor]]:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(SEQUENCES, STEPS, 2, generator=generator)
+        y = torch.cumsum(x[..., :1], dim=1) / STEPS**0.5
+        lengths = STEPS - torch.arange(SEQUENCES) % BATCH_SIZE  # full length first: no segment is padding only
+        items = [{"x": x[i], "y": y[i], "lengths": lengths[i]} for i in range(SEQUENCES)]
+        return DataLoader(items, batch_size=self.batch_size)
+
+
+def batch_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return batch["lengths"]
+
+
+@pytest.fixture(autouse=True)
+def _no_command_line(monkeypatch):
+    # LightningCLI warns when given `args` while `sys.argv` holds arguments (here pytest's)
+    monkeypatch.setattr(sys, "argv", ["cli"])
+
+
+def write_config(tmp_path: Path, callback: str = CALLBACK, **init_args: object) -> Path:
+    init_args = {"segment_length": SEGMENT_LENGTH, "step_per": "segment", "lengths": "lengths", **init_args}
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "seed_everything: 0\n"
+        "trainer:\n"
+        "  max_epochs: 1\n"
+        f"  limit_train_batches: {BATCHES}\n"
+        "  enable_progress_bar: false\n"
+        "  enable_model_summary: false\n"
+        "  logger: false\n"
+        "  enable_checkpointing: false\n"
+        "  accelerator: cpu\n"
+        "  devices: 1\n"
+        f"  default_root_dir: '{tmp_path / 'logs'}'\n" + callback.format(**init_args)
+    )
+    return path
+
+
+def run_cli(config: Path, *args: str, run: bool = True) -> LightningCLI:
+    command = ["fit", "--config", str(config)] if run else ["--config", str(config)]
+    return LightningCLI(PaddedRegressor, PaddedData, args=[*command, *args], run=run)
+
+
+def tbptt_callback(cli: LightningCLI) -> TBPTTCallback:
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, TBPTTCallback)]
+    return callback
+
+
+@pytest.mark.parametrize(("step_per", "steps"), [("segment", BATCHES * SEGMENTS), ("batch", BATCHES)])
+def test_config_file_sets_up_the_callback(tmp_path, step_per, steps):
+    cli = run_cli(write_config(tmp_path, step_per=step_per))
+
+    callback = tbptt_callback(cli)
+    assert (callback.segment_length, callback.step_per, callback.lengths) == (SEGMENT_LENGTH, step_per, "lengths")
+    assert (callback.time_dim, callback.resets, callback.streaming, callback.transfer) == (1, None, False, None)
+    assert cli.trainer.global_step == steps
+    assert cli.model.seen_lengths == SEGMENT_LENGTHS * BATCHES
+    # the config Lightning saves next to the run holds the callback as parsed
+    saved = (tmp_path / "logs" / "config.yaml").read_text()
+    assert "class_path: lightning_tbptt.TBPTTCallback" in saved
+    assert f"step_per: {step_per}" in saved
+
+
+def test_command_line_overrides_the_config_files_init_args(tmp_path):
+    # `--trainer.callbacks.<arg>` (or `.init_args.<arg>`) sets an init arg of the last callback of the list
+    args = ["--trainer.callbacks.segment_length=5", "--trainer.callbacks.init_args.step_per=batch"]
+    cli = run_cli(write_config(tmp_path), *args)
+
+    callback = tbptt_callback(cli)
+    assert (callback.segment_length, callback.step_per, callback.lengths) == (5, "batch", "lengths")
+    assert cli.trainer.global_step == BATCHES
+    assert cli.model.seen_lengths == [[5, 5, 5, 5], [5, 4, 3, 2]] * BATCHES
+
+
+def test_callback_given_on_the_command_line_only(tmp_path):
+    args = [
+        "--trainer.callbacks+=lightning_tbptt.TBPTTCallback",
+        f"--trainer.callbacks.segment_length={SEGMENT_LENGTH}",
+        "--trainer.callbacks.lengths=lengths",
+    ]
+    cli = run_cli(write_config(tmp_path, callback=""), *args)
+
+    callback = tbptt_callback(cli)
+    assert (callback.segment_length, callback.step_per, callback.lengths) == (SEGMENT_LENGTH, "segment", "lengths")
+    assert cli.trainer.global_step == BATCHES * SEGMENTS
+    assert cli.model.seen_lengths == SEGMENT_LENGTHS * BATCHES
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [("lengths", "lengths"), ("2", 2), ("[meta, lengths]", ("meta", "lengths")), ("[meta, 0]", ("meta", 0))],
+)
+def test_lengths_places_parse_from_yaml(tmp_path, value, parsed):
+    cli = run_cli(write_config(tmp_path, lengths=value), run=False)
+    assert tbptt_callback(cli).lengths == parsed
+
+
+def test_lengths_index_on_the_command_line(tmp_path):
+    cli = run_cli(write_config(tmp_path), "--trainer.callbacks.lengths=2", run=False)
+    assert tbptt_callback(cli).lengths == 2
+
+
+def test_lengths_function_by_import_path(tmp_path):
+    cli = run_cli(write_config(tmp_path, lengths=f"{__name__}.batch_lengths"), run=False)
+    assert tbptt_callback(cli).lengths is batch_lengths
+
+
+def test_invalid_init_arg_value_raises_the_callbacks_configuration_error(tmp_path):
+    # the type is right (an int), so the parser accepts it; `TBPTTCallback.__init__` rejects it when the CLI
+    # instantiates the callbacks, and jsonargparse raises a ValueError with our message in it (from jsonargparse 4.51
+    # on, raised from our ConfigurationError)
+    message = "Expected argument `segment_length` to be a positive integer but got 0."
+    with pytest.raises((ValueError, ConfigurationError), match=message):
+        run_cli(write_config(tmp_path, segment_length=0))
+
+
+def test_init_arg_value_outside_its_type_is_a_parser_error(tmp_path, capsys):
+    # `step_per: Literal["segment", "batch"]` is checked by the parser, which exits like any command-line error
+    with pytest.raises(SystemExit) as raised:
+        run_cli(write_config(tmp_path, step_per="sequence"))
+    assert raised.value.code == 2
+    error = capsys.readouterr().err
+    assert 'Parser key "trainer.callbacks"' in error
+    assert 'Parser key "step_per"' in error
+    # before jsonargparse 4.43 the reason reads "Cannot take a Union of no types."
+    assert "Got value: sequence" in error or "Cannot take a Union of no types." in error
