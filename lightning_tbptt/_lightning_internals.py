@@ -43,13 +43,18 @@ from packaging.version import Version
 from torch.optim import Optimizer
 
 from lightning_tbptt.errors import ConfigurationError
+from lightning_tbptt.namespaces import lightning_version
 from lightning_tbptt.schedule import Decision
 
-RESUME_RERUNS_LAST_BATCH = Version(pl.__version__) < Version("2.5.0")
-"""Whether Lightning resumes a checkpoint saved in ``on_train_batch_end`` by running that batch index again.
 
-Before 2.5.0 the saved batch progress counts the batch as not completed (Lightning issue #18060): resuming runs its
-index again and, at the last batch of an epoch, runs one more batch of that epoch."""
+def resume_reruns_last_batch(trainer: "pl.Trainer") -> bool:
+    """Whether ``trainer`` resumes a checkpoint saved in ``on_train_batch_end`` by running that batch index again.
+
+    Before 2.5.0 the saved batch progress counts the batch as not completed (Lightning issue #18060): resuming runs its
+    index again and, at the last batch of an epoch, runs one more batch of that epoch.
+    """
+    return lightning_version(trainer) < Version("2.5.0")
+
 
 _REQUIRED = {
     "epoch_loop": ("automatic_optimization", "manual_optimization", "_should_accumulate"),
@@ -119,9 +124,9 @@ class TrainingLoopPatch:
             missing = [name for name in names if not hasattr(objects[owner], name)]
             if missing:
                 raise ConfigurationError(
-                    f"Expected pytorch-lightning 2.1 to 2.6 but got version {pl.__version__}, whose training loop"
+                    f"Expected Lightning 2.1 to 2.6 but got version {lightning_version(trainer)}, whose training loop"
                     f" has no `{owner}.{missing[0]}`. Install a supported release, e.g."
-                    " `pip install 'pytorch-lightning>=2.1,<2.7'`."
+                    " `pip install 'pytorch-lightning>=2.1,<2.7'` (or `lightning`)."
                 )
         self._trainer = trainer
         self._epoch_loop = epoch_loop

@@ -10,25 +10,24 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_warn
-from pytorch_lightning.utilities.model_helpers import is_overridden
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 from typing_extensions import override
 
 from lightning_tbptt._lightning_internals import (
-    RESUME_RERUNS_LAST_BATCH,
     BatchContext,
     RunSegment,
     StrategyPatch,
     TrainingLoopPatch,
     complete_batch_saved_at_batch_end,
+    resume_reruns_last_batch,
     set_log_weight,
 )
 from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
+from lightning_tbptt.namespaces import CallbackBase, is_overridden
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.schedule import STEP_PER_CHOICES, Decision, OptimizationSchedule, StepPer
@@ -86,7 +85,7 @@ def _check_names(value: Any, argument: str) -> tuple[str, ...]:
     )
 
 
-class TBPTTCallback(Callback):
+class TBPTTCallback(CallbackBase):
     """Truncated backpropagation through time for an unmodified ``LightningModule``.
 
     Each training batch is cut along time into segments of ``segment_length`` steps (the last may be shorter).
@@ -266,7 +265,8 @@ class TBPTTCallback(Callback):
         if restored.get("mid_epoch", False):
             return int(restored["batches_done"])
         # At the end of an epoch, Lightning before 2.5 runs the epoch's last index once more: give it no data.
-        return int(restored["batches_done"]) if RESUME_RERUNS_LAST_BATCH else 0
+        rerun = self._trainer is not None and resume_reruns_last_batch(self._trainer)
+        return int(restored["batches_done"]) if rerun else 0
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks
@@ -277,7 +277,7 @@ class TBPTTCallback(Callback):
         # The loop is patched here rather than in `on_fit_start`: tuner callbacks (`LearningRateFinder`,
         # `BatchSizeFinder`) run their trial fits in their own `on_fit_start`, which Lightning calls before ours.
         self._teardown()  # also forgets any loaded state: a checkpoint of this run is loaded after `setup`
-        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+        callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
         count = sum(isinstance(callback, TBPTTCallback) for callback in callbacks)
         if count > 1:
             raise ConfigurationError(
@@ -324,7 +324,7 @@ class TBPTTCallback(Callback):
                 " accumulated before it are not saved. For exact resumption, resume from a checkpoint saved between"
                 " batches (e.g. by `ModelCheckpoint`)."
             )
-        if restored is not None and RESUME_RERUNS_LAST_BATCH:
+        if restored is not None and resume_reruns_last_batch(trainer):
             complete_batch_saved_at_batch_end(trainer)
         if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
             self._resume(trainer, restored)
@@ -427,8 +427,8 @@ class TBPTTCallback(Callback):
         if self.transfer is not None:
             return self.transfer
         datamodule = getattr(trainer, "datamodule", None)
-        if is_overridden("on_after_batch_transfer", pl_module) or (
-            datamodule is not None and is_overridden("on_after_batch_transfer", datamodule)
+        if is_overridden("on_after_batch_transfer", pl_module, trainer) or (
+            datamodule is not None and is_overridden("on_after_batch_transfer", datamodule, trainer)
         ):
             return "batch"  # the hook may change the layout: cut what it returns, as without the callback
         return "segment"

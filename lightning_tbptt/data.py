@@ -45,13 +45,13 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Literal, TypeAlias
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from typing_extensions import override
 
 from lightning_tbptt.errors import BatchError, ConfigurationError
+from lightning_tbptt.namespaces import DataModuleBase, TrainerDefault, default_hook
 
 ArrayLike: TypeAlias = np.ndarray[Any, Any] | Tensor | str | os.PathLike[str]
 SequenceLike: TypeAlias = ArrayLike | Mapping[str, ArrayLike]
@@ -519,12 +519,13 @@ class _NoData:
     e.g. skips validation with a warning; called, it raises a clear error.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, datamodule: "LaneDataModule", name: str) -> None:
+        self.datamodule = datamodule
         self.name = name
 
     @property
     def __wrapped__(self) -> Any:
-        return getattr(pl.LightningDataModule, f"{self.name}_dataloader")
+        return default_hook(self.datamodule, f"{self.name}_dataloader")
 
     def __call__(self) -> Any:
         raise ConfigurationError(
@@ -536,7 +537,7 @@ class _NoData:
 _STAGES = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
 
 
-class LaneDataModule(pl.LightningDataModule):
+class LaneDataModule(DataModuleBase):
     """Training, validation, test and prediction loaders of :class:`LaneStream` batches, one stream per rank.
 
     Args:
@@ -576,6 +577,12 @@ class LaneDataModule(pl.LightningDataModule):
 
     """  # noqa: E501
 
+    # hooks this class leaves to Lightning, which either namespace's `Trainer` must see as not overridden
+    prepare_data = TrainerDefault()
+    on_before_batch_transfer = TrainerDefault()
+    transfer_batch_to_device = TrainerDefault()
+    on_after_batch_transfer = TrainerDefault()
+
     def __init__(
         self,
         train: Sequences | None,
@@ -610,7 +617,7 @@ class LaneDataModule(pl.LightningDataModule):
         self.streams: dict[str, LaneStream] = {}
         for name, sequences in self.sequences.items():
             if sequences is None:
-                setattr(self, f"{name}_dataloader", _NoData(name))
+                setattr(self, f"{name}_dataloader", _NoData(self, name))
 
     @override
     def setup(self, stage: str) -> None:
@@ -640,7 +647,7 @@ class LaneDataModule(pl.LightningDataModule):
         return _LaneLoader(self.streams[name], batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory)
 
     def _resume_batch(self) -> int:
-        callbacks: list[pl.Callback] = [] if self.trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
+        callbacks: list[Any] = [] if self.trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
         for callback in callbacks:
             value = getattr(callback, "resume_batch", None)
             if isinstance(value, int) and not isinstance(value, bool):

@@ -78,7 +78,10 @@ def make_loader(
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, collate_fn=collate)
 
 
-def make_trainer(tmp_path: Any, callbacks: Iterable[Any] = (), **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    tmp_path: Any, callbacks: Iterable[Any] = (), namespace: Any = pl, **kwargs: Any
+) -> pl.Trainer:
+    """A quiet CPU ``Trainer`` of ``namespace`` (``pytorch_lightning`` or ``lightning.pytorch``)."""
     defaults: dict[str, Any] = {
         "default_root_dir": tmp_path,
         "max_epochs": 1,
@@ -90,7 +93,8 @@ def make_trainer(tmp_path: Any, callbacks: Iterable[Any] = (), **kwargs: Any) ->
         "devices": 1,
     }
     defaults.update(kwargs)
-    return pl.Trainer(callbacks=list(callbacks), **defaults)
+    trainer: pl.Trainer = namespace.Trainer(callbacks=list(callbacks), **defaults)
+    return trainer
 
 
 def parameters_equal(a: nn.Module, b: nn.Module, **tolerances: Any) -> bool:

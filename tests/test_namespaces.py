@@ -1,0 +1,141 @@
+"""One callback and one datamodule for both namespaces: ``pytorch_lightning`` and ``lightning.pytorch`` Trainers."""
+
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import pytorch_lightning
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_tbptt import LaneDataModule, TBPTTCallback
+from tests.helpers import LR, MOMENTUM, make_loader, make_trainer, parameters_equal, reference_tbptt, twin
+
+L = pytest.importorskip("lightning.pytorch", reason="the `lightning` package (extra `lightning`) is not installed")
+NAMESPACES = pytest.mark.parametrize("namespace", [pytorch_lightning, L], ids=["pytorch_lightning", "lightning"])
+
+
+def regressor(namespace: ModuleType, **hooks: Any) -> Any:
+    """A model written for short sequences, deriving from ``namespace.LightningModule``, with extra ``hooks``."""
+
+    class Regressor(namespace.LightningModule):  # type: ignore[name-defined,misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 6, batch_first=True)
+            self.head = nn.Linear(6, 1)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            out, _ = self.rnn(x)
+            loss = F.mse_loss(self.head(out), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM)
+
+    for name, hook in hooks.items():
+        setattr(Regressor, name, hook)
+    return Regressor
+
+
+def test_the_callback_is_a_callback_of_both_namespaces():
+    callback = TBPTTCallback(4)
+    assert isinstance(callback, pytorch_lightning.Callback)
+    assert isinstance(callback, L.Callback)
+
+
+@NAMESPACES
+def test_training_with_either_namespace_equals_the_reference(tmp_path, namespace):
+    torch.manual_seed(0)
+    model = regressor(namespace)().double()
+    reference = twin(model)
+    loader = make_loader()
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], namespace=namespace)
+    trainer.fit(model, loader)
+    result = reference_tbptt(reference, loader, segment_length=5)
+    assert trainer.global_step == result["steps"] == 15  # 3 batches x 5 segments
+    assert parameters_equal(model, reference)
+
+
+@NAMESPACES
+def test_a_module_transfer_hook_is_seen_in_either_namespace(tmp_path, namespace):
+    moved = []
+
+    def on_after_batch_transfer(self: Any, batch: Any, dataloader_idx: int) -> Any:
+        moved.append(batch[0].shape[1])
+        return batch
+
+    model = regressor(namespace, on_after_batch_transfer=on_after_batch_transfer)().double()
+    callback = TBPTTCallback(5)
+    make_trainer(tmp_path, [callback], namespace=namespace, limit_train_batches=1).fit(model, make_loader())
+    assert callback._transfer == "batch"  # the hook may change the layout: it sees whole batches
+    assert moved == [23]
+
+
+def lanes() -> LaneDataModule:
+    sequence = np.sin(np.arange(400) / 7).astype(np.float32)
+    return LaneDataModule(sequence, val=sequence[:200], lanes=2, steps=40, target_shift=1)
+
+
+def stream_model(namespace: ModuleType, validation: bool = True) -> Any:
+    def training_step(self: Any, batch: Any, batch_idx: int) -> torch.Tensor:
+        out, _ = self.rnn(batch["input"].unsqueeze(-1).expand(-1, -1, 3))
+        return F.mse_loss(self.head(out).squeeze(-1), batch["target"])
+
+    def validation_step(self: Any, batch: Any, batch_idx: int) -> None:
+        self.validated += batch["input"].shape[1]
+
+    hooks: dict[str, Any] = {"training_step": training_step}
+    if validation:
+        hooks["validation_step"] = validation_step
+    model = regressor(namespace, **hooks)()
+    model.validated = 0
+    return model
+
+
+def fit_stream(tmp_path: Path, namespace: ModuleType, data: LaneDataModule, validation: bool = True) -> Any:
+    torch.manual_seed(0)
+    model = stream_model(namespace, validation)
+    callback = TBPTTCallback(10, streaming=True, resets="starts")
+    trainer = make_trainer(tmp_path / namespace.__name__, [callback], namespace=namespace)
+    trainer.fit(model, datamodule=data)
+    return model, trainer
+
+
+def test_the_lane_datamodule_streams_alike_in_both_namespaces(tmp_path):
+    model, trainer = fit_stream(tmp_path, pytorch_lightning, lanes())
+    other, other_trainer = fit_stream(tmp_path, L, lanes())
+    assert trainer.global_step == other_trainer.global_step > 0
+    assert model.validated == other.validated > 0
+    assert parameters_equal(model, other)
+
+
+@NAMESPACES
+def test_a_stage_without_lanes_is_skipped_in_either_namespace(tmp_path, namespace):
+    # a `lightning.pytorch` Trainer must see the `pytorch_lightning` defaults as not overridden, and the reverse
+    data = LaneDataModule(np.sin(np.arange(400) / 7).astype(np.float32), lanes=2, steps=40, target_shift=1)
+    with pytest.warns(UserWarning, match="no `val_dataloader`"):
+        model, trainer = fit_stream(tmp_path, namespace, data)
+    assert trainer.global_step > 0
+    assert model.validated == 0
+
+
+@NAMESPACES
+def test_a_datamodule_leaves_the_modules_transfer_hooks_in_charge_in_either_namespace(tmp_path, namespace):
+    calls = []
+
+    def on_before_batch_transfer(self: Any, batch: Any, dataloader_idx: int) -> Any:
+        calls.append(dataloader_idx)
+        return batch
+
+    torch.manual_seed(0)
+    model = stream_model(namespace, validation=False)
+    type(model).on_before_batch_transfer = on_before_batch_transfer
+    callback = TBPTTCallback(10, streaming=True, resets="starts")
+    trainer = make_trainer(tmp_path, [callback], namespace=namespace, limit_train_batches=2)
+    trainer.fit(model, datamodule=lanes())
+    assert calls == [0, 0]  # the module's hook, not the datamodule's default
