@@ -78,9 +78,7 @@ def make_loader(
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, collate_fn=collate)
 
 
-def make_trainer(
-    tmp_path: Any, callbacks: Iterable[Any] = (), namespace: Any = pl, **kwargs: Any
-) -> pl.Trainer:
+def make_trainer(tmp_path: Any, callbacks: Iterable[Any] = (), namespace: Any = pl, **kwargs: Any) -> pl.Trainer:
     """A quiet CPU ``Trainer`` of ``namespace`` (``pytorch_lightning`` or ``lightning.pytorch``)."""
     defaults: dict[str, Any] = {
         "default_root_dir": tmp_path,
