@@ -1,5 +1,7 @@
 """Truncated backpropagation through time for PyTorch Lightning, by adding one callback to the ``Trainer``."""
 
+# first: it imports the Lightning namespaces in the order that keeps Lightning's logger where the user's imports put it
+import lightning_tbptt.namespaces  # noqa: F401  # isort: skip
 from lightning_tbptt.callback import TBPTTCallback
 from lightning_tbptt.data import LaneDataModule, LaneStream
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError, NoSegmentError, TBPTTError

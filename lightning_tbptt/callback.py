@@ -30,6 +30,7 @@ from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
 from lightning_tbptt.namespaces import CallbackBase, is_overridden
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
+from lightning_tbptt.progress import SegmentProgress
 from lightning_tbptt.schedule import STEP_PER_CHOICES, Decision, OptimizationSchedule, StepPer
 from lightning_tbptt.segment import Segment, running
 from lightning_tbptt.split import split_batch
@@ -214,6 +215,7 @@ class TBPTTCallback(CallbackBase):
         self._patch: TrainingLoopPatch | None = None
         self._strategy_patch: StrategyPatch | None = None
         self._trainer: pl.Trainer | None = None
+        self._progress: SegmentProgress | None = None
         # streams of batches: rows per batch, and rows whose sequence ended before their batch did
         self._lanes: dict[str, int] = {}
         self._lanes_restored: set[str] = set()
@@ -291,6 +293,7 @@ class TBPTTCallback(CallbackBase):
         self._check_splitting(pl_module)
         self._transfer = self._resolve_transfer(trainer, pl_module)
         self._trainer = trainer
+        self._progress = SegmentProgress(trainer)
         if stage == "fit":
             self._check_training(trainer, pl_module)
             self._schedule = OptimizationSchedule()
@@ -631,6 +634,27 @@ class TBPTTCallback(CallbackBase):
                 batch_steps=context.batch_steps,
             )
 
+        progress = self._progress
+        assert progress is not None
+        try:
+            output, index, decision = self._run_segments(context, run_segment, plan, total, decide, progress)
+        finally:
+            progress.done()
+        self._record_position(trainer, partial=index < total - 1, pending=decision is not None and not decision.step)
+        return output
+
+    def _run_segments(
+        self,
+        context: BatchContext,
+        run_segment: RunSegment,
+        plan: SegmentPlan,
+        total: int,
+        decide: Callable[[int], Decision | None],
+        progress: SegmentProgress,
+    ) -> tuple[dict[str, Any], int, Decision | None]:
+        """Run the segments of a training batch, then the idle steps up to ``total``."""
+        assert self._trainer is not None
+        trainer = self._trainer
         hiddens = None
         output: dict[str, Any] = {}
         decision = None
@@ -643,6 +667,7 @@ class TBPTTCallback(CallbackBase):
             if self._takes_hiddens:
                 kwargs["hiddens"] = hiddens
             decision = decide(index)
+            progress.show(index, total)
             with self._running(info, _TRAIN):
                 output = run_segment(kwargs, decision, info.num_valid)
             if self._takes_hiddens:
@@ -656,11 +681,11 @@ class TBPTTCallback(CallbackBase):
             decision = decide(index)
             kwargs = OrderedDict(context.kwargs)
             kwargs["batch"] = None
+            progress.show(index, total)
             with idle_training_step(trainer.lightning_module):
                 run_segment(kwargs, decision, 0)
             stopped = 0 <= trainer.max_steps <= trainer.global_step
-        self._record_position(trainer, partial=index < total - 1, pending=decision is not None and not decision.step)
-        return output
+        return output, index, decision
 
     def _record_position(self, trainer: "pl.Trainer", partial: bool, pending: bool) -> None:
         """After a training batch: where the epoch stands, what a checkpoint taken now must hold to resume exactly."""
@@ -700,15 +725,21 @@ class TBPTTCallback(CallbackBase):
         self._begin_batch(_EVAL, plan)
         outputs: list[Any] = []
         segments: list[Segment] = []
-        for planned in plan:
-            segment_batch, info = self._prepare(planned)
-            with self._running(info, _EVAL):
-                set_log_weight(trainer, info.num_valid)
-                try:
-                    outputs.append(step(segment_batch, *rest, **kwargs))
-                finally:
-                    set_log_weight(trainer, None)
-            segments.append(info)
+        progress = self._progress
+        assert progress is not None
+        try:
+            for planned in plan:
+                segment_batch, info = self._prepare(planned)
+                progress.show(info.index, len(plan))
+                with self._running(info, _EVAL):
+                    set_log_weight(trainer, info.num_valid)
+                    try:
+                        outputs.append(step(segment_batch, *rest, **kwargs))
+                    finally:
+                        set_log_weight(trainer, None)
+                segments.append(info)
+        finally:
+            progress.done()
         return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
 
     def _returned_hiddens(self, output: dict[str, Any], index: int) -> Any:
@@ -812,5 +843,6 @@ class TBPTTCallback(CallbackBase):
             self._carrier = None
         self._schedule = None
         self._trainer = None
+        self._progress = None
         self._lanes.clear()
         self._unfinished.clear()

@@ -9,9 +9,11 @@ A ``LightningModule`` and its ``Trainer`` always share a namespace: Lightning it
 """
 
 import importlib
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+import lightning_utilities.core.rank_zero as rank_zero
 from lightning_utilities.core.overrides import is_overridden as _is_overridden
 from packaging.version import Version
 
@@ -23,9 +25,31 @@ def _import(name: str) -> ModuleType | None:
         return None
 
 
-NAMESPACES: tuple[ModuleType, ...] = tuple(
-    module for module in (_import("pytorch_lightning"), _import("lightning.pytorch")) if module is not None
-)
+def _import_namespaces() -> tuple[ModuleType, ...]:
+    # Importing a namespace points Lightning's shared rank-zero logger (and deprecation category) at that namespace.
+    # Keep them where the namespace imported first left them: the user's, or else `pytorch_lightning`'s.
+    names = ("pytorch_lightning", "lightning.pytorch")
+    first_imported = any(name in sys.modules for name in names)
+    saved: dict[str, Any] = {}
+    namespaces = []
+    for name in names:
+        module = _import(name)
+        if module is None:
+            continue
+        namespaces.append(module)
+        if not saved:
+            saved = {attribute: getattr(rank_zero, attribute, None) for attribute in _RANK_ZERO_ATTRIBUTES}
+    if first_imported:
+        saved = _before
+    for attribute, value in saved.items():
+        if value is not None:
+            setattr(rank_zero, attribute, value)
+    return tuple(namespaces)
+
+
+_RANK_ZERO_ATTRIBUTES = ("log", "rank_zero_deprecation_category")
+_before = {attribute: getattr(rank_zero, attribute, None) for attribute in _RANK_ZERO_ATTRIBUTES}
+NAMESPACES: tuple[ModuleType, ...] = _import_namespaces()
 """The importable namespaces, ``pytorch_lightning`` first."""
 
 

@@ -1,5 +1,7 @@
 """One callback and one datamodule for both namespaces: ``pytorch_lightning`` and ``lightning.pytorch`` Trainers."""
 
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -139,3 +141,14 @@ def test_a_datamodule_leaves_the_modules_transfer_hooks_in_charge_in_either_name
     trainer = make_trainer(tmp_path, [callback], namespace=namespace, limit_train_batches=2)
     trainer.fit(model, datamodule=lanes())
     assert calls == [0, 0]  # the module's hook, not the datamodule's default
+
+
+@pytest.mark.parametrize(
+    ("first", "logger"),
+    [("", "pytorch_lightning"), ("import lightning.pytorch", "lightning.pytorch")],
+)
+def test_lightning_keeps_logging_to_the_namespace_imported_first(first, logger):
+    # each namespace's import points Lightning's shared rank-zero logger at itself; importing the other must not move it
+    code = f"{first}\nimport lightning_tbptt, lightning_utilities.core.rank_zero as r\nprint(r.log.name)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == f"{logger}.utilities.rank_zero"
