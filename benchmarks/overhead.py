@@ -6,6 +6,7 @@ Prints the median milliseconds per segment and the ratios.
 
     python benchmarks/overhead.py                 # H=256, B=32, k=64, T=2048, 1 layer, SGD
     python benchmarks/overhead.py --log           # with one self.log per segment in both Lightning variants
+    python benchmarks/overhead.py --progress-bar  # with Lightning's TQDM bar (segment i/k) in both Lightning variants
 """
 
 import argparse
@@ -94,13 +95,15 @@ def batch_seconds(stamps: list[float]) -> list[float]:
     return [end - start for start, end in itertools.pairwise(stamps[1:])]
 
 
-def fit_seconds(model: pl.LightningModule, batches: list[Any], callbacks: list[Callback]) -> list[float]:
+def fit_seconds(
+    model: pl.LightningModule, batches: list[Any], callbacks: list[Callback], progress_bar: bool = False
+) -> list[float]:
     timer = BatchTimer()
     trainer = pl.Trainer(
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
+        enable_progress_bar=progress_bar,
         enable_model_summary=False,
         accelerator="cpu",
         callbacks=[*callbacks, timer],
@@ -137,6 +140,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median batch is reported")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the least noisy)")
     parser.add_argument("--log", action="store_true", help="self.log once per segment in the Lightning variants")
+    parser.add_argument("--progress-bar", action="store_true", help="Lightning's TQDM bar in the Lightning variants")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -159,8 +163,10 @@ def main() -> None:
         if name == "raw PyTorch loop":
             return raw_seconds(fresh(), batches, args.segment_length, lr)
         if name == "manual Lightning loop":
-            return fit_seconds(ManualModel(fresh(), lr, args.log, args.segment_length), batches, [])
-        return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [TBPTTCallback(args.segment_length)])
+            manual = ManualModel(fresh(), lr, args.log, args.segment_length)
+            return fit_seconds(manual, batches, [], args.progress_bar)
+        callback = TBPTTCallback(args.segment_length)
+        return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar)
 
     names = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"]
     runs: dict[str, list[float]] = {name: [] for name in names}
@@ -175,7 +181,7 @@ def main() -> None:
         f"LSTM H={args.hidden_size}, B={args.batch_size}, k={args.segment_length}, T={args.length}: median of "
         f"{len(runs['TBPTTCallback'])} timed batches of {segments} segments, {args.rounds} interleaved rounds, "
         f"{args.threads} threads, torch {torch.__version__}, "
-        f"pytorch-lightning {pl.__version__}, log={args.log}"
+        f"pytorch-lightning {pl.__version__}, log={args.log}, progress bar={args.progress_bar}"
     )
     print(f"{'method':<24}{'ms/segment':>12}{'min':>9}{'vs raw':>10}{'vs manual':>12}")
     for name, ms in per_segment.items():

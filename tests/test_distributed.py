@@ -135,10 +135,22 @@ class Model(SequenceRegressor):
         torch.save(result, root / f"rank{self.trainer.global_rank}.pt")
 
 
+class Manual(Model):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        optimizer.step()
+
+
 if __name__ == "__main__":
     torch.manual_seed(0)
-    model = Model().double()
-    callback = TBPTTCallback(SEGMENT, step_per=step_per, lengths=2)
+    model = Manual().double() if step_per == "manual" else Model().double()
+    callback = TBPTTCallback(SEGMENT, step_per="segment" if step_per == "manual" else step_per, lengths=2)
     options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
     make_trainer(root, [callback], **options).fit(model)
 """
@@ -182,3 +194,12 @@ def test_ranks_with_different_segment_counts_stay_identical_and_equal_the_refere
         # one agreement all-reduce per batch; one gradient all-reduce per optimizer step (none while accumulating)
         syncs = segments_per_batch if step_per == "segment" else [1, 1]
         assert rank["per_batch"] == [(1, n) for n in syncs]
+
+
+def test_manual_optimization_with_different_segment_counts_fails_on_every_rank_without_hanging(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_ddp(tmp_path, "ddp", "manual")
+    error = failure.value.stderr.decode()
+    assert error.count("BatchError: Expected every process to run the same number of segments") == 2  # both ranks
+    assert "they run between 3 and 5" in error
+    assert "manual optimization" in error
