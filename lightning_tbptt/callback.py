@@ -391,8 +391,18 @@ class TBPTTCallback(CallbackBase):
         if position.pending_gradients and not position.in_batch and self._module is not None:
             # read now rather than copied after every batch: between batches only Lightning's release before
             # validation changes them, and a checkpoint must then hold what is left
-            gradients = {name: p.grad.detach() for name, p in self._module.named_parameters() if p.grad is not None}
-            state["gradients"] = self._gathered(gradients) if gather else {k: g.clone() for k, g in gradients.items()}
+            parameters = list(self._module.named_parameters())
+            if gather:
+                # every process gathers every parameter, in one order: a parameter without a gradient on some
+                # process is sent as zeros, flagged as absent
+                present = [p.grad is not None for _, p in parameters]
+                state["gradients"] = self._gathered(
+                    {name: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for name, p in parameters}
+                )
+                flags = torch.tensor(present, dtype=torch.uint8, device=parameters[0][1].device)
+                state["gradients_present"] = self._gathered(flags)  # (processes, parameters), in the order above
+            else:
+                state["gradients"] = {name: p.grad.detach().clone() for name, p in parameters if p.grad is not None}
         if self.streaming:
             state["lanes"] = position.lanes
             state["carried"] = self._gathered(position.carried) if gather else position.carried
@@ -616,8 +626,13 @@ class TBPTTCallback(CallbackBase):
             )
         trainer = self._trainer
         schedule: OptimizationSchedule = self._schedule
-        plan = self._plan(context.kwargs["batch"])
-        self._begin_batch(_TRAIN, plan)
+        try:
+            plan = self._plan(context.kwargs["batch"])
+            self._begin_batch(_TRAIN, plan)
+        except Exception:
+            # the other processes are about to wait for this one in the agreement: let them stop too
+            agree_on_segment_count(trainer, 0, automatic=context.automatic, failed=True)
+            raise
         total = agree_on_segment_count(trainer, len(plan), automatic=context.automatic)
         self._position.in_batch = True
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
@@ -664,6 +679,8 @@ class TBPTTCallback(CallbackBase):
             index = planned.info.index
             kwargs = OrderedDict(context.kwargs)
             kwargs["batch"], info = self._prepare(planned)
+            if info.count != total:  # other processes run more segments: this one takes part in all of them
+                info = dataclasses.replace(info, count=total)
             if self._takes_hiddens:
                 kwargs["hiddens"] = hiddens
             decision = decide(index)
@@ -682,7 +699,8 @@ class TBPTTCallback(CallbackBase):
             kwargs = OrderedDict(context.kwargs)
             kwargs["batch"] = None
             progress.show(index, total)
-            with idle_training_step(trainer.lightning_module):
+            idle = Segment(index, total, None, 0, self.time_dim, num_valid=0)
+            with idle_training_step(trainer.lightning_module, trainer.strategy), running(idle):
                 run_segment(kwargs, decision, 0)
             stopped = 0 <= trainer.max_steps <= trainer.global_step
         return output, index, decision
@@ -826,8 +844,12 @@ class TBPTTCallback(CallbackBase):
             return restored
         rank = trainer.global_rank
         own = dict(restored)
-        for key in ("gradients", "carried", "unfinished"):
+        for key in ("gradients", "gradients_present", "carried", "unfinished"):
             own[key] = apply_to_collection(restored.get(key), Tensor, lambda t: t[rank])
+        present = own.pop("gradients_present", None)
+        if present is not None and own.get("gradients") is not None:
+            gradients = own["gradients"].items()
+            own["gradients"] = {name: g for (name, g), flag in zip(gradients, present.tolist(), strict=True) if flag}
         return own
 
     def _teardown(self) -> None:

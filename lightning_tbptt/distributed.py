@@ -3,16 +3,16 @@
 Under data parallelism each optimizer step all-reduces the gradients of every process, so every process must run the
 same sequence of steps. With variable lengths (segments of padding only are not run, rows are dropped), dynamic padding
 or a custom ``split_batch``, the processes' batches can have different numbers of segments. So, once per batch, the
-processes agree on the largest number (one all-reduce of two integers), and a process whose batch has fewer segments
+processes agree on the largest number (one all-reduce of three integers), and a process whose batch has fewer segments
 takes part in each remaining step of the others with *zero gradients*: it runs, instead of ``training_step``, a loss
-of ``0 * sum(parameters)`` through the same Lightning path (DDP forward, backward, gradient synchronisation, clipping,
-optimizer step), and logs nothing. This is what PyTorch's own ``Join`` does for uneven inputs: the step's gradient is
-the sum over the processes that still had a segment, divided by the number of processes — the same as if the idle
-process had run a segment of padding only with a masked loss.
+of zero times its parameters through the same Lightning path (DDP forward, backward, gradient synchronisation,
+clipping, optimizer step), and logs nothing. This is what PyTorch's own ``Join`` does for uneven inputs: the step's
+gradient is the sum over the processes that still had a segment, divided by the number of processes.
 
-Only strategies that synchronise gradients by all-reduce can do that (DDP and its variants); with other multi-process
-strategies (sharded ones, DeepSpeed) or with manual optimization the processes must have equal counts, else every
-process raises :class:`~lightning_tbptt.errors.BatchError` at once.
+Only DDP can do that; other multi-process strategies (sharded ones, DeepSpeed), manual optimization, DDP with a static
+graph and models with ``SyncBatchNorm`` need equal counts, else every process raises
+:class:`~lightning_tbptt.errors.BatchError` at once. A process whose batch fails to be planned tells the others through
+the same all-reduce, so they raise too rather than wait.
 """
 
 from collections.abc import Iterator
@@ -30,33 +30,70 @@ def _is_ddp(strategy: Any) -> bool:
     return any(cls.__name__ == "DDPStrategy" for cls in type(strategy).__mro__)
 
 
-def agree_on_segment_count(trainer: Any, count: int, *, automatic: bool) -> int:
+def _wrapped(strategy: Any) -> Any:
+    """The ``DistributedDataParallel`` wrapping the module, or ``None``."""
+    model = getattr(strategy, "model", None)
+    return model if isinstance(model, nn.parallel.DistributedDataParallel) else None
+
+
+def _reduce_max(strategy: Any, values: list[int]) -> list[int]:
+    """The element-wise maximum of ``values`` over all processes: one collective."""
+    device = strategy.root_device
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return [int(value) for value in tensor.tolist()]
+    gathered = strategy.all_gather(tensor)  # other process groups (XLA): every process's values
+    return [int(value) for value in gathered.reshape(-1, len(values)).max(dim=0).values.tolist()]
+
+
+def _why_counts_must_match(trainer: Any, automatic: bool) -> str | None:
+    strategy = trainer.strategy
+    if not automatic:
+        return (
+            "the module uses manual optimization, so a process without a segment cannot take part in the optimizer"
+            " steps its `training_step` makes"
+        )
+    if not _is_ddp(strategy) or strategy.handles_gradient_accumulation or "XLA" in type(strategy).__name__:
+        return (
+            f"the strategy {type(strategy).__name__} cannot take part in a step without running the model (only DDP,"
+            " which all-reduces gradients, can contribute zero gradients)"
+        )
+    wrapped = _wrapped(strategy)
+    if wrapped is not None and getattr(wrapped, "static_graph", False):
+        return "DDP runs with `static_graph=True`, and a step without the model changes the graph"
+    if any(isinstance(module, nn.SyncBatchNorm) for module in trainer.lightning_module.modules()):
+        return "the model has `SyncBatchNorm` layers, which communicate in every forward pass"
+    return None
+
+
+def agree_on_segment_count(trainer: Any, count: int, *, automatic: bool, failed: bool = False) -> int:
     """Return the largest number of segments any process has in its current batch (``count`` with one process).
 
+    Args:
+        trainer: The ``Trainer``.
+        count: This process's number of segments.
+        automatic: Whether the module uses automatic optimization.
+        failed: This process could not plan its batch (it raises its own error after this call).
+
     Raises:
-        BatchError: On every process at once, if the processes' counts differ and this strategy or manual optimization
-            cannot take part in a step without a segment.
+        BatchError: On every process at once, if another process could not plan its batch, or if the processes'
+            counts differ and this configuration cannot take part in a step without a segment.
 
     """
     if trainer.world_size <= 1:
         return count
-    strategy = trainer.strategy
-    counts = torch.tensor([count, -count], dtype=torch.long, device=strategy.root_device)
-    most, fewest = (int(value) for value in strategy.reduce(counts, reduce_op="max").tolist())
+    most, fewest, failure = _reduce_max(trainer.strategy, [count, -count, int(failed)])
     fewest = -fewest
-    if most == fewest:
+    if failure and not failed:
+        raise BatchError(
+            "Another process could not plan its batch (see its error), so this process stops as well rather than wait"
+            " for it."
+        )
+    if failed or most == fewest:
         return most
-    if not automatic:
-        reason = (
-            "the module uses manual optimization, so a process without a segment cannot take part in the optimizer"
-            " steps its `training_step` makes"
-        )
-    elif not _is_ddp(strategy) or strategy.handles_gradient_accumulation:
-        reason = (
-            f"the strategy {type(strategy).__name__} cannot take part in a step without running the model (only DDP"
-            " strategies, which all-reduce gradients, can contribute zero gradients)"
-        )
-    else:
+    reason = _why_counts_must_match(trainer, automatic)
+    if reason is None:
         return most
     raise BatchError(
         f"Expected every process to run the same number of segments in this batch, but they run between {fewest} and"
@@ -65,17 +102,23 @@ def agree_on_segment_count(trainer: Any, count: int, *, automatic: bool) -> int:
     )
 
 
-def _zero_loss(module: nn.Module) -> Tensor | None:
+def _zero_loss(module: nn.Module, strategy: Any) -> Tensor | None:
     trainable = [parameter for parameter in module.parameters() if parameter.requires_grad]
     if not trainable:
         return None
+    wrapped = _wrapped(strategy)
+    if wrapped is not None and wrapped.find_unused_parameters:
+        # DDP finds the parameters this step does not use and leaves them to the others: touch one, so that a
+        # parameter no process uses keeps no gradient (a zero one would still move it by weight decay or momentum)
+        return trainable[0].reshape(-1)[0] * 0.0
+    # every parameter must take part in the backward of every step
     total: Tensor = sum((parameter.sum() for parameter in trainable), start=torch.zeros((), device=trainable[0].device))
     return total * 0.0
 
 
 @contextmanager
-def idle_training_step(module: nn.Module) -> Iterator[None]:
-    """While active, ``module.training_step`` returns ``0 * sum(parameters)``: every parameter gets a zero gradient.
+def idle_training_step(module: nn.Module, strategy: Any) -> Iterator[None]:
+    """While active, ``module.training_step`` returns a zero loss whose gradient is zero for every parameter it reaches.
 
     The user's step is not called, so nothing is logged and no state is carried. Shadowed on the instance and
     restored afterwards.
@@ -84,7 +127,7 @@ def idle_training_step(module: nn.Module) -> Iterator[None]:
     previous = shadowed.get("training_step")
 
     def training_step(*args: Any, **kwargs: Any) -> Tensor | None:
-        return _zero_loss(module)
+        return _zero_loss(module, strategy)
 
     shadowed["training_step"] = training_step
     try:

@@ -13,6 +13,7 @@ from lightning_tbptt.state import detach_state
 from tests.helpers import LR, MOMENTUM, SequenceRegressor
 
 SEGMENT = 4
+WEIGHT_DECAY = 0.1
 # per rank: batches of 2 padded sequences; (padded length, lengths). Segments run per batch with SEGMENT=4:
 # rank 0: 5 and 3, rank 1: 3 and 1, so each rank has batches where the other has more segments.
 LAYOUT = {0: [(20, [20, 13]), (20, [9, 5])], 1: [(11, [11, 4]), (20, [3, 2])]}
@@ -33,10 +34,12 @@ def masks(lengths: torch.Tensor, start: int, size: int) -> torch.Tensor:
     return torch.arange(start, start + size).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def reference(model: SequenceRegressor, step_per: str) -> dict[str, Any]:
+def reference(
+    model: SequenceRegressor, step_per: str, accumulate: int = 1, weight_decay: float = 0.0
+) -> dict[str, Any]:
     """DDP by hand in one process: per segment index, the mean over ranks of each rank's masked loss (0 when the rank
-    has no segment left); one step per segment index, or per batch."""
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    has no segment left); one step per segment index, or per ``accumulate`` batches (losses divided by it)."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=weight_decay)
     squared, valid, steps = 0.0, 0, 0
     data = {rank: rank_batches(rank) for rank in LAYOUT}
     for b in range(len(LAYOUT[0])):
@@ -57,8 +60,9 @@ def reference(model: SequenceRegressor, step_per: str) -> dict[str, Any]:
                 loss = loss + errors[mask].mean()
                 squared += float(errors[mask].detach().sum())
                 valid += int(mask.sum())
-            (loss / WORLD).backward()
-            if step_per == "segment" or index == max(counts.values()) - 1:
+            (loss / WORLD / accumulate).backward()
+            last = index == max(counts.values()) - 1 and ((b + 1) % accumulate == 0 or b == len(LAYOUT[0]) - 1)
+            if step_per == "segment" or last:
                 optimizer.step()
                 optimizer.zero_grad()
                 steps += 1
@@ -75,11 +79,12 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError
 
-from lightning_tbptt import MaskedMetric, TBPTTCallback, masked_mean
-from tests.helpers import SequenceRegressor, make_trainer
-from tests.test_distributed import SEGMENT, rank_batches
+from lightning_tbptt import MaskedMetric, TBPTTCallback, current_segment, masked_mean
+from tests.helpers import LR, MOMENTUM, SequenceRegressor, make_trainer
+from tests.test_distributed import SEGMENT, WEIGHT_DECAY, rank_batches
 
 strategy_name, step_per, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+scenario = sys.argv[4] if len(sys.argv) > 4 else ""
 synced = []  # gradient all-reduces (DDP communication hook calls)
 reduced = []  # every all-reduce (the hook's too)
 all_reduce = torch.distributed.all_reduce
@@ -101,8 +106,18 @@ def counting_hook(state, bucket):
 class Model(SequenceRegressor):
     def __init__(self):
         super().__init__(log=False)
+        if scenario == "unused":
+            self.unused = torch.nn.Linear(2, 2)  # never called: no process gives it a gradient
         self.metric = MaskedMetric(MeanSquaredError())
         self.per_batch = []
+        self.counts = []  # `current_segment().count` after every backward, idle steps included
+
+    def configure_optimizers(self):
+        decay = WEIGHT_DECAY if scenario == "unused" else 0.0
+        return torch.optim.SGD(self.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=decay)
+
+    def on_after_backward(self):
+        self.counts.append(current_segment().count)
 
     def training_step(self, batch, batch_idx):
         x, y, lengths = batch
@@ -111,7 +126,11 @@ class Model(SequenceRegressor):
         return masked_mean((prediction - y).pow(2).squeeze(-1))
 
     def train_dataloader(self):
-        return DataLoader(rank_batches(self.trainer.global_rank), batch_size=None)
+        batches = rank_batches(self.trainer.global_rank)
+        if scenario == "broken" and self.trainer.global_rank == 1:
+            x, y, lengths = batches[1]
+            batches[1] = (x, y, torch.zeros_like(lengths))  # planning this batch fails on this process only
+        return DataLoader(batches, batch_size=None)
 
     def on_train_start(self):
         # (Lightning registers `ddp_comm_hook` on CUDA only)
@@ -123,6 +142,8 @@ class Model(SequenceRegressor):
     def on_train_batch_end(self, outputs, batch, batch_idx):
         gradients = len(synced) - self.before[1]
         self.per_batch.append((len(reduced) - self.before[0] - gradients, gradients))
+        if scenario == "unused" and batch_idx == 0:  # gradients pending: every process gathers them
+            self.trainer.save_checkpoint(root / "pending.ckpt")
 
     def on_train_end(self):
         # saved by every process (under `ddp_spawn` only rank 0's model returns to the launching process)
@@ -131,6 +152,7 @@ class Model(SequenceRegressor):
             "global_step": self.trainer.global_step,
             "per_batch": self.per_batch,
             "metric": float(self.metric.compute()),
+            "counts": self.counts,
         }
         torch.save(result, root / f"rank{self.trainer.global_rank}.pt")
 
@@ -152,16 +174,18 @@ if __name__ == "__main__":
     model = Manual().double() if step_per == "manual" else Model().double()
     callback = TBPTTCallback(SEGMENT, step_per="segment" if step_per == "manual" else step_per, lengths=2)
     options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
+    if scenario == "unused":
+        options["accumulate_grad_batches"] = 2
     make_trainer(root, [callback], **options).fit(model)
 """
 
 
-def run_ddp(tmp_path: Path, strategy: str, step_per: str) -> list[dict[str, Any]]:
+def run_ddp(tmp_path: Path, strategy: str, step_per: str, scenario: str = "") -> list[dict[str, Any]]:
     script = tmp_path / "ddp_segments.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parent.parent
     subprocess.run(
-        [sys.executable, str(script), strategy, step_per, str(tmp_path)],
+        [sys.executable, str(script), strategy, step_per, str(tmp_path), scenario],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         check=True,
@@ -173,7 +197,7 @@ def run_ddp(tmp_path: Path, strategy: str, step_per: str) -> list[dict[str, Any]
 
 @pytest.mark.parametrize(
     ("strategy", "step_per"),
-    [("ddp", "segment"), ("ddp", "batch"), ("ddp_spawn", "segment"), ("ddp_find_unused_parameters_true", "batch")],
+    [("ddp", "segment"), ("ddp", "batch"), ("ddp_spawn", "segment")],  # find_unused: see the `unused` scenario
 )
 def test_ranks_with_different_segment_counts_stay_identical_and_equal_the_reference(tmp_path, strategy, step_per):
     ranks = run_ddp(tmp_path, strategy, step_per)
@@ -194,6 +218,38 @@ def test_ranks_with_different_segment_counts_stay_identical_and_equal_the_refere
         # one agreement all-reduce per batch; one gradient all-reduce per optimizer step (none while accumulating)
         syncs = segments_per_batch if step_per == "segment" else [1, 1]
         assert rank["per_batch"] == [(1, n) for n in syncs]
+        # idle steps run inside a segment too: hooks see the batch's agreed count
+        assert rank["counts"] == [5] * 5 + [3] * 3
+
+
+def test_a_parameter_no_process_uses_keeps_no_gradient_and_pending_gradients_are_gathered(tmp_path):
+    # `find_unused_parameters=True`: the idle process must not give the unused layer a (zero) gradient, which weight
+    # decay would turn into a step; a checkpoint taken between accumulated batches gathers every process's gradients
+    ranks = run_ddp(tmp_path, "ddp_find_unused_parameters_true", "batch", "unused")
+    torch.manual_seed(0)  # as the script builds its model
+    reference_model = SequenceRegressor(log=False).double()
+    reference_model.unused = torch.nn.Linear(2, 2).double()
+    initial = {k: v.clone() for k, v in reference_model.state_dict().items()}
+    expected = reference(reference_model, "batch", accumulate=2, weight_decay=WEIGHT_DECAY)
+    assert expected["steps"] == 1
+    for rank in ranks:
+        assert rank["global_step"] == 1
+        for key, value in reference_model.state_dict().items():
+            assert torch.allclose(rank["parameters"][key], value, rtol=0, atol=1e-10), key
+        assert torch.equal(rank["parameters"]["unused.weight"], initial["unused.weight"])
+    state = torch.load(tmp_path / "pending.ckpt", weights_only=False)["callbacks"]["TBPTTCallback"]
+    names = list(state["gradients"])
+    assert state["gradients_present"].shape == (WORLD, len(names))
+    assert state["gradients_present"][:, names.index("unused.weight")].tolist() == [0, 0]
+    assert state["gradients_present"][:, names.index("rnn.weight_ih_l0")].tolist() == [1, 1]
+
+
+def test_a_batch_that_fails_on_one_process_stops_every_process(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_ddp(tmp_path, "ddp", "segment", "broken")
+    error = failure.value.stderr.decode()
+    assert "every length at batch[2] is 0" in error  # the process whose batch is broken
+    assert "BatchError: Another process could not plan its batch" in error  # the other one, instead of waiting
 
 
 def test_manual_optimization_with_different_segment_counts_fails_on_every_rank_without_hanging(tmp_path):
