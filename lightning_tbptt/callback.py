@@ -27,7 +27,7 @@ from lightning_tbptt._lightning_internals import (
 from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
-from lightning_tbptt.namespaces import CallbackBase, is_overridden
+from lightning_tbptt.namespaces import CallbackBase, follow_trainer_logging, is_overridden
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.progress import SegmentProgress
@@ -279,6 +279,7 @@ class TBPTTCallback(CallbackBase):
         # The loop is patched here rather than in `on_fit_start`: tuner callbacks (`LearningRateFinder`,
         # `BatchSizeFinder`) run their trial fits in their own `on_fit_start`, which Lightning calls before ours.
         self._teardown()  # also forgets any loaded state: a checkpoint of this run is loaded after `setup`
+        follow_trainer_logging(trainer)
         callbacks: list[Any] = trainer.callbacks  # type: ignore[attr-defined]
         count = sum(isinstance(callback, TBPTTCallback) for callback in callbacks)
         if count > 1:

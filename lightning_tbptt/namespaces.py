@@ -2,13 +2,16 @@
 
 They are the same code under two names, with distinct classes. Before Lightning 2.6 a ``Trainer`` refuses a callback of
 the other namespace (``ValueError: Expected a parent`` at ``Trainer(...)``), and its ``is_overridden`` checks compare
-code objects, which differ between the namespaces (their docstrings differ). So the library's Lightning classes derive
-from the classes of *every* installed namespace, and whatever compares hooks asks the namespace of the object at hand.
+code objects, some of which differ between the namespaces (the ``pytorch_lightning`` copy rewrites docstrings, e.g. of
+the ``*_dataloader`` hooks; with the two packages at different releases, line numbers differ too). So the library's
+Lightning classes derive from the classes of *every* installed namespace, and whatever compares hooks asks the
+namespace of the object at hand.
 A ``LightningModule`` and its ``Trainer`` always share a namespace: Lightning itself refuses a module of the other one
 (``TypeError: `model` must be a `LightningModule` ...``).
 """
 
 import importlib
+import logging
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -80,6 +83,20 @@ def namespace_of(obj: Any) -> ModuleType:
         if isinstance(obj, namespace.LightningDataModule):
             return namespace
     raise TypeError(f"Expected a Lightning Trainer, LightningModule or LightningDataModule but got {type(obj)}.")
+
+
+def follow_trainer_logging(trainer: Any) -> None:
+    """Point Lightning's shared rank-zero logger and deprecation category at the namespace of ``trainer``.
+
+    Both namespaces log through one ``lightning_utilities`` logger, which the namespace imported last points at itself:
+    a fit then logs (and warns) in its own namespace, where the user's logging configuration applies.
+    """
+    name = namespace_of(trainer).__name__
+    rank_zero.log = logging.getLogger(f"{name}.utilities.rank_zero")
+    fabric = "lightning_fabric" if name == "pytorch_lightning" else "lightning.fabric"
+    category = getattr(importlib.import_module(f"{fabric}.utilities.rank_zero"), "LightningDeprecationWarning", None)
+    if category is not None:
+        rank_zero.rank_zero_deprecation_category = category
 
 
 def lightning_version(trainer: Any) -> Version:

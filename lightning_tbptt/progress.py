@@ -2,8 +2,9 @@
 
 Lightning's progress bars advance once per batch, so with batches of many segments the bar would sit still for a
 whole batch. While a batch of several segments runs, the description of the bar of the running stage reads e.g.
-``Epoch 0 (segment 3/20)``, and reverts once the batch ends. The text is updated at every segment (an assignment); the
-terminal is redrawn at most every :data:`REFRESH_SECONDS`, so segments cost no per-step logging or drawing.
+``Epoch 0 (segment 3/20)``, and reverts once the batch ends. The text is updated at every segment (an assignment); a
+TQDM bar writing to a terminal with ``refresh_rate=1`` is redrawn at most every :data:`REFRESH_SECONDS` (elsewhere the
+text waits for Lightning's own redraw, so logs grow no faster), so segments cost no per-step logging or drawing.
 
 Supported: Lightning's ``TQDMProgressBar`` and ``RichProgressBar`` (and subclasses) of either namespace, through
 their public attributes (``train_progress_bar``/``val_progress_bar``/... and ``progress`` with
@@ -37,6 +38,14 @@ def _kind(bar: Any) -> str | None:
     if "RichProgressBar" in names:
         return "rich"
     return None
+
+
+def _is_terminal(bar: Any) -> bool:
+    isatty = getattr(getattr(bar, "fp", None), "isatty", None)
+    try:
+        return bool(isatty()) if callable(isatty) else False
+    except (OSError, ValueError):  # a closed or detached stream
+        return False
 
 
 class SegmentProgress:
@@ -87,7 +96,10 @@ class SegmentProgress:
         if redraw:
             self._drawn = now
         if kind == "tqdm":
-            bar.set_description(text, refresh=redraw)
+            # redrawn only on a terminal and when Lightning redraws after every batch: elsewhere (a log file, a large
+            # `refresh_rate`) each redraw would add output, so the text waits for Lightning's next redraw
+            live = redraw and callback.refresh_rate == 1 and _is_terminal(bar)
+            bar.set_description(text, refresh=live)
         else:
             callback.progress.update(bar, description=text)
             if redraw:

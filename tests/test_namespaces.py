@@ -152,3 +152,61 @@ def test_lightning_keeps_logging_to_the_namespace_imported_first(first, logger):
     code = f"{first}\nimport lightning_tbptt, lightning_utilities.core.rank_zero as r\nprint(r.log.name)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert result.stdout.strip() == f"{logger}.utilities.rank_zero"
+
+
+def test_a_fit_logs_in_the_namespace_of_its_trainer(tmp_path):
+    # `lightning_tbptt` imported first points the shared logger at `pytorch_lightning`; a `lightning.pytorch` fit
+    # must log where a `lightning.pytorch` user configured logging
+    code = f"""
+import lightning_tbptt, lightning_utilities.core.rank_zero as r
+import lightning.pytorch as L
+from tests.test_namespaces import regressor
+from tests.helpers import make_loader, make_trainer
+before = r.log.name
+make_trainer({str(tmp_path)!r}, [lightning_tbptt.TBPTTCallback(5)], namespace=L, limit_train_batches=1).fit(
+    regressor(L)().double(), make_loader()
+)
+print(before, r.log.name, r.rank_zero_deprecation_category.__module__)
+"""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=180, cwd=root
+    )
+    before, after, category = result.stdout.split()[-3:]
+    assert before == "pytorch_lightning.utilities.rank_zero"
+    assert after == "lightning.pytorch.utilities.rank_zero"
+    assert category == "lightning.fabric.utilities.rank_zero"
+
+
+@NAMESPACES
+def test_the_datamodule_resolves_hooks_it_leaves_to_lightning_in_the_trainers_namespace(tmp_path, namespace):
+    data = lanes()
+    assert data.on_after_batch_transfer.__func__ is pytorch_lightning.LightningDataModule.on_after_batch_transfer
+    data.trainer = make_trainer(tmp_path, namespace=namespace)
+    for name in ("prepare_data", "on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"):
+        assert getattr(data, name).__func__ is getattr(namespace.LightningDataModule, name)
+    data = LaneDataModule(None, lanes=2, steps=40)  # no data: every dataloader hook stands for the default
+    data.trainer = make_trainer(tmp_path, namespace=namespace)
+    assert data.val_dataloader.__wrapped__ is namespace.LightningDataModule.val_dataloader
+
+
+@NAMESPACES
+def test_overrides_are_judged_in_the_trainers_namespace(tmp_path, namespace):
+    from lightning_tbptt.namespaces import is_overridden
+
+    trainer = make_trainer(tmp_path, namespace=namespace)
+    model = regressor(namespace)()
+    # `train_dataloader` differs in code between the namespaces even at one release
+    assert not is_overridden("train_dataloader", model, trainer)
+    assert is_overridden("training_step", model, trainer)
+
+
+@NAMESPACES
+@pytest.mark.parametrize(("version", "reruns"), [("2.4.0", True), ("2.5.0", False)])
+def test_release_dependent_behaviour_follows_the_trainers_namespace(tmp_path, namespace, version, reruns, monkeypatch):
+    from lightning_tbptt._lightning_internals import resume_reruns_last_batch
+
+    other = L if namespace is pytorch_lightning else pytorch_lightning
+    monkeypatch.setattr(namespace, "__version__", version)
+    monkeypatch.setattr(other, "__version__", "2.4.0" if version == "2.5.0" else "2.5.0")
+    assert resume_reruns_last_batch(make_trainer(tmp_path, namespace=namespace)) is reruns

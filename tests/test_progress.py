@@ -65,15 +65,17 @@ def test_the_bar_shows_the_running_segment_and_reverts_after_the_batch(tmp_path,
     assert len(validation) == 4 and all(f"(segment {i}/4)" in text for i, text in enumerate(validation, 1))
 
 
-def test_the_bar_is_redrawn_at_most_every_refresh_interval(tmp_path):
+def fit_counting_redraws(tmp_path: Any, terminal: bool, refresh_rate: int = 1) -> tuple[list[float], float, Any]:
+    """Fit 2 batches of 23 one-step segments; return when the segment display redrew the bar, and the fit's time."""
     model = SequenceRegressor(log=False).double()
-    bar = TQDMProgressBar(refresh_rate=1000)  # Lightning itself redraws every 1000 batches: only ours remain
+    bar = TQDMProgressBar(refresh_rate=refresh_rate)
     trainer = make_trainer(tmp_path, [TBPTTCallback(1), bar], enable_progress_bar=True, limit_train_batches=2)
-    redraws = []
+    redraws: list[float] = []
 
     class Counting(pl.Callback):
         def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any) -> None:
             tqdm = bar.train_progress_bar
+            tqdm.fp.isatty = lambda: terminal
             original = tqdm.set_description
 
             def set_description(text: str, refresh: bool = True) -> None:
@@ -86,9 +88,20 @@ def test_the_bar_is_redrawn_at_most_every_refresh_interval(tmp_path):
     trainer.callbacks.append(Counting())
     started = time.monotonic()
     trainer.fit(model, make_loader())
-    elapsed = time.monotonic() - started
-    assert trainer.global_step == 46  # 2 batches of 23 one-step segments
+    return redraws, time.monotonic() - started, trainer
+
+
+def test_a_terminal_bar_is_redrawn_at_most_every_refresh_interval(tmp_path):
+    redraws, elapsed, trainer = fit_counting_redraws(tmp_path, terminal=True)
+    assert trainer.global_step == 46
     assert 1 <= len(redraws) <= 1 + elapsed / progress.REFRESH_SECONDS
     assert len(redraws) < 46
     gaps = [b - a for a, b in itertools.pairwise(redraws)]
-    assert all(gap >= progress.REFRESH_SECONDS * 0.99 for gap in gaps)
+    assert all(gap >= progress.REFRESH_SECONDS * 0.9 for gap in gaps)
+
+
+@pytest.mark.parametrize(("terminal", "refresh_rate"), [(False, 1), (True, 1000)])
+def test_a_bar_writing_to_a_log_or_redrawn_rarely_gets_no_extra_redraw(tmp_path, terminal, refresh_rate):
+    redraws, _, trainer = fit_counting_redraws(tmp_path, terminal=terminal, refresh_rate=refresh_rate)
+    assert trainer.global_step == 46
+    assert redraws == []
