@@ -14,6 +14,9 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
   segment to its number of valid time steps, and back to ``None`` (Lightning infers it from the batch) afterwards;
 * ``Trainer.fit_loop.epoch_loop.batch_progress`` (``current.processed``, ``current.completed``,
   ``increment_completed()``) — corrected on resume before Lightning 2.5 (:func:`complete_batch_saved_at_batch_end`);
+* ``<namespace>.trainer.call._call_strategy_hook(trainer, "training_step", ...)`` — how Lightning calls
+  ``training_step`` (the hook name that ``self.log`` checks, the profiler); used for burn-in steps, which run
+  ``training_step`` outside the optimisation path;
 * ``Trainer._logger_connector._first_loop_iter`` — during the first batch of an epoch, Lightning clears a hook's logged
   values each time it logs (harmless when every hook runs once per batch). With several segments per batch that would
   drop the first batch's earlier segments from epoch aggregates, so it is turned off once the first segment has run.
@@ -33,6 +36,7 @@ the gradients and whether it steps are decided per segment by overriding the two
 answers stand.
 """
 
+import importlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,7 +47,7 @@ from packaging.version import Version
 from torch.optim import Optimizer
 
 from lightning_tbptt.errors import ConfigurationError
-from lightning_tbptt.namespaces import lightning_version
+from lightning_tbptt.namespaces import lightning_version, namespace_of
 from lightning_tbptt.schedule import Decision
 
 
@@ -239,6 +243,12 @@ def complete_batch_saved_at_batch_end(trainer: "pl.Trainer") -> bool:
         return False
     progress.increment_completed()
     return True
+
+
+def call_training_step(trainer: "pl.Trainer", kwargs: "OrderedDict[str, Any]") -> Any:
+    """Call ``training_step`` with ``kwargs`` as Lightning's closure does, but outside any optimisation."""
+    call = importlib.import_module(f"{namespace_of(trainer).__name__}.trainer.call")
+    return call._call_strategy_hook(trainer, "training_step", *kwargs.values())
 
 
 def set_log_weight(trainer: "pl.Trainer", weight: int | None) -> None:

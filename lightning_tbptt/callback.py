@@ -20,6 +20,7 @@ from lightning_tbptt._lightning_internals import (
     RunSegment,
     StrategyPatch,
     TrainingLoopPatch,
+    call_training_step,
     complete_batch_saved_at_batch_end,
     resume_reruns_last_batch,
     set_log_weight,
@@ -48,6 +49,8 @@ def _check_positive_int(value: Any, argument: str, example: str) -> int:
 
 Transfer = Literal["segment", "batch"]
 TRANSFER_CHOICES: tuple[Transfer, ...] = ("segment", "batch")
+LossOn = Literal["new", "window"]
+LOSS_ON_CHOICES: tuple[LossOn, ...] = ("new", "window")
 _TRAIN = "train"
 _EVAL = "eval"
 
@@ -135,6 +138,21 @@ class TBPTTCallback(CallbackBase):
             (default): ``"segment"``, unless the ``LightningModule`` or the ``LightningDataModule`` overrides
             ``on_after_batch_transfer`` (which may change the batch's layout, so it must see whole batches). ``"batch"``:
             Lightning moves the whole batch before it is cut.
+        stride: Overlapping windows, TBPTT(k1, k2): a training window of ``segment_length`` (k2) steps starts every
+            ``stride`` (k1) steps. The state carried into a window is the state at its own first step (taken from the
+            previous window after ``stride`` steps); gradients flow through the whole window. The mask of a window
+            marks its overlap with the previous one as not new, so metrics and logging count every step once.
+            ``None``: ``segment_length`` (plain TBPTT). Evaluation does not overlap (it needs no gradient, and the
+            carried state already makes every output exact).
+        loss_on: Where :func:`~lightning_tbptt.masked_mean` (the default loss mask) applies with overlapping
+            windows: ``"new"`` (default) the new ``stride`` steps of each window, backpropagated through the whole
+            window (Williams and Peng's BPTT(h; h')); ``"window"`` every step of the window (steps of the overlap
+            then count in several windows' losses).
+        burn_in: Steps run before a batch's first window without gradient and without an optimizer step, only to
+            refresh the recurrent state (R2D2's burn-in): ``training_step`` runs on them under ``torch.no_grad()``
+            with an all-``False`` mask, so they count in no masked loss, metric or token-weighted log. Applies where a
+            stream starts from zeros: every batch, or with ``streaming`` the first batch of an epoch or evaluation
+            run; in evaluation the steps are run and not counted.
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -163,9 +181,31 @@ class TBPTTCallback(CallbackBase):
         resets: LengthsSpec | None = None,
         evaluate: bool = True,
         transfer: Transfer | None = None,
+        stride: int | None = None,
+        loss_on: LossOn = "new",
+        burn_in: int = 0,
     ) -> None:
         if segment_length is not None:
             _check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
+        if stride is not None:
+            _check_positive_int(stride, "stride", "TBPTTCallback(segment_length=64, stride=16)")
+            if segment_length is not None and stride > segment_length:
+                raise ConfigurationError(
+                    f"Expected argument `stride` to be at most `segment_length={segment_length}` but got {stride}:"
+                    " windows would leave steps between them untrained. Pass a stride between 1 and the segment"
+                    " length (equal to it for plain TBPTT)."
+                )
+        if loss_on not in LOSS_ON_CHOICES:
+            raise ConfigurationError(
+                f"Expected argument `loss_on` to be one of {LOSS_ON_CHOICES} but got {loss_on!r}. Use 'new' for the"
+                " loss on each window's new steps (every step counted once) or 'window' for every step of a window."
+            )
+        if isinstance(burn_in, bool) or not isinstance(burn_in, int) or burn_in < 0:
+            raise ConfigurationError(
+                f"Expected argument `burn_in` to be a non-negative integer but got {burn_in!r}. Pass the number of"
+                " steps run without gradient before a batch's first window to refresh the state, e.g. `burn_in=32`,"
+                " or 0 for none."
+            )
         if isinstance(time_dim, bool) or not isinstance(time_dim, int) or time_dim < 0:
             raise ConfigurationError(
                 f"Expected argument `time_dim` to be a non-negative integer but got {time_dim!r}. Pass 1 for"
@@ -191,6 +231,9 @@ class TBPTTCallback(CallbackBase):
         self.evaluate = _check_bool(evaluate, "evaluate")
         self.transfer: Transfer | None = transfer
         self._transfer: Transfer = "segment"
+        self.stride = stride
+        self.loss_on: LossOn = loss_on
+        self.burn_in = burn_in
         if drop_finished and lengths is None:
             raise ConfigurationError(
                 "Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be"
@@ -252,6 +295,10 @@ class TBPTTCallback(CallbackBase):
         return split_batch(batch, segment_length, self.time_dim)
 
     @property
+    def _overlaps(self) -> bool:
+        return self.stride is not None and self.stride != (self.segment_length or self._fit_segment_length)
+
+    @property
     def resume_batch(self) -> int:
         """How many batches of the current training epoch the checkpoint being resumed had already trained.
 
@@ -291,6 +338,12 @@ class TBPTTCallback(CallbackBase):
             return
         self._module = pl_module  # kept after teardown: a checkpoint saved after a fit reads its gradients
         self._fit_segment_length = self._resolve_segment_length(pl_module)
+        if self.stride is not None and self.stride > self._fit_segment_length:
+            raise ConfigurationError(
+                f"Expected argument `stride` to be at most the segment length {self._fit_segment_length} (the"
+                f" `truncated_bptt_steps` of {type(pl_module).__name__}) but got {self.stride}. Pass a stride between"
+                " 1 and the segment length."
+            )
         self._check_splitting(pl_module)
         self._transfer = self._resolve_transfer(trainer, pl_module)
         self._trainer = trainer
@@ -457,7 +510,8 @@ class TBPTTCallback(CallbackBase):
             )
         self._split_with_module = module_splits
         self._custom_split = module_splits or callback_splits
-        for argument, value in (("lengths", self.lengths), ("resets", self.resets)):
+        windowed = {"stride": self.stride if self._overlaps else None, "burn_in": self.burn_in or None}
+        for argument, value in (("lengths", self.lengths), ("resets", self.resets), *windowed.items()):
             if value is not None and self._custom_split:
                 splitter = "tbptt_split_batch" if module_splits else "split_batch"
                 raise ConfigurationError(
@@ -486,6 +540,8 @@ class TBPTTCallback(CallbackBase):
                 ("drop_finished", self.drop_finished),
                 ("streaming", self.streaming),
                 ("resets", self.resets),
+                ("stride", self.stride if self._overlaps else None),
+                ("burn_in", self.burn_in or None),
             ):
                 if value not in (False, None):
                     raise ConfigurationError(
@@ -493,6 +549,12 @@ class TBPTTCallback(CallbackBase):
                         " does not know. Let the callback carry the RNN state (drop the `hiddens` argument of"
                         f" `training_step`), or do not set `{argument}`."
                     )
+        if self.burn_in and not pl_module.automatic_optimization:
+            raise ConfigurationError(
+                f"`TBPTTCallback(burn_in={self.burn_in})` cannot work with manual optimization: the burn-in steps run"
+                f" `{type(pl_module).__name__}.training_step` without gradient, and that step makes its own backward"
+                " and optimizer steps. Use automatic optimization, or `burn_in=0`."
+            )
         if self.step_per == "batch" and trainer.strategy.handles_gradient_accumulation:
             raise ConfigurationError(
                 f"`TBPTTCallback(step_per='batch')` cannot work with the strategy {type(trainer.strategy).__name__}:"
@@ -504,8 +566,10 @@ class TBPTTCallback(CallbackBase):
     # Running one batch
     # ----------------------------------------------------------------------------------------------------------------
 
-    def _plan(self, batch: Any) -> SegmentPlan:
+    def _plan(self, batch: Any, stream: str = _TRAIN) -> SegmentPlan:
         if not self._custom_split:
+            # burn-in where the stream starts from zeros; windows overlap in training only
+            fresh = not self.streaming or not self._lanes.get(stream)
             return plan_segments(
                 batch,
                 self._fit_segment_length,
@@ -513,6 +577,9 @@ class TBPTTCallback(CallbackBase):
                 lengths=self._lengths,
                 drop_finished=self.drop_finished,
                 resets=self._resets,
+                stride=self.stride if stream == _TRAIN else None,
+                burn_in=self.burn_in if fresh else 0,
+                loss_on_overlap=self.loss_on == "window",
             )
         assert self._trainer is not None
         if self._split_with_module:
@@ -612,9 +679,12 @@ class TBPTTCallback(CallbackBase):
         return batch, info
 
     @contextmanager
-    def _running(self, info: Segment, stream: str) -> Iterator[None]:
+    def _running(self, info: Segment, stream: str, carry_at: int | None = None) -> Iterator[None]:
         carrier = self._ensure_carrier()
-        with carrier.segment(info.rows, info.batch_size, info.starts, stream), running(info):
+        with (
+            carrier.segment(info.rows, info.batch_size, info.starts, stream, info.length, carry_at),
+            running(info),
+        ):
             yield
 
     def _run_batch(self, context: BatchContext, run_segment: RunSegment) -> dict[str, Any]:
@@ -634,7 +704,7 @@ class TBPTTCallback(CallbackBase):
             # the other processes are about to wait for this one in the agreement: let them stop too
             agree_on_segment_count(trainer, 0, automatic=context.automatic, failed=True)
             raise
-        total = agree_on_segment_count(trainer, len(plan), automatic=context.automatic)
+        total = agree_on_segment_count(trainer, plan.steps, automatic=context.automatic)
         self._position.in_batch = True
         step_per: StepPer = "batch" if context.skip_backward else self.step_per
 
@@ -677,16 +747,19 @@ class TBPTTCallback(CallbackBase):
         index = -1
         stopped = False
         for planned in plan:
-            index = planned.info.index
+            if planned.info.burn_in:
+                self._burn_in(context, planned)
+                continue
+            index += 1
             kwargs = OrderedDict(context.kwargs)
             kwargs["batch"], info = self._prepare(planned)
-            if info.count != total:  # other processes run more segments: this one takes part in all of them
-                info = dataclasses.replace(info, count=total)
+            if info.count != total + plan.burn_in_segments:  # other processes run more: this one takes part in all
+                info = dataclasses.replace(info, count=total + plan.burn_in_segments)
             if self._takes_hiddens:
                 kwargs["hiddens"] = hiddens
             decision = decide(index)
             progress.show(index, total)
-            with self._running(info, _TRAIN):
+            with self._running(info, _TRAIN, planned.carry_at):
                 output = run_segment(kwargs, decision, info.num_valid)
             if self._takes_hiddens:
                 hiddens = self._returned_hiddens(output, index)
@@ -700,7 +773,8 @@ class TBPTTCallback(CallbackBase):
             kwargs = OrderedDict(context.kwargs)
             kwargs["batch"] = None
             progress.show(index, total)
-            idle = Segment(index, total, None, 0, self.time_dim, num_valid=0)
+            burn_in = plan.burn_in_segments
+            idle = Segment(index + burn_in, total + burn_in, None, 0, self.time_dim, num_valid=0)
             with idle_training_step(trainer.lightning_module, trainer.strategy), running(idle):
                 run_segment(kwargs, decision, 0)
             stopped = 0 <= trainer.max_steps <= trainer.global_step
@@ -740,7 +814,7 @@ class TBPTTCallback(CallbackBase):
             if dataloader != self._eval_dataloader:
                 self._reset_stream(_EVAL)
                 self._eval_dataloader = dataloader
-        plan = self._plan(batch)
+        plan = self._plan(batch, _EVAL)
         self._begin_batch(_EVAL, plan)
         outputs: list[Any] = []
         segments: list[Segment] = []
@@ -760,6 +834,18 @@ class TBPTTCallback(CallbackBase):
         finally:
             progress.done()
         return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
+
+    def _burn_in(self, context: BatchContext, planned: PlannedSegment) -> None:
+        """Run ``training_step`` on a burn-in prefix without gradient or optimizer step: only its state counts."""
+        assert self._trainer is not None
+        kwargs = OrderedDict(context.kwargs)
+        kwargs["batch"], info = self._prepare(planned)
+        set_log_weight(self._trainer, 0)
+        try:
+            with torch.no_grad(), self._running(info, _TRAIN):
+                call_training_step(self._trainer, kwargs)
+        finally:
+            set_log_weight(self._trainer, None)
 
     def _returned_hiddens(self, output: dict[str, Any], index: int) -> Any:
         if "hiddens" not in output:

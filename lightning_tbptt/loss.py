@@ -20,8 +20,12 @@ from lightning_tbptt.errors import BatchError
 from lightning_tbptt.segment import current_segment
 
 
-def resolve_mask(mask: Tensor | None, *tensors: Tensor, names: tuple[str, ...] = ("values",)) -> Tensor:
-    """Return ``mask``, or the running segment's mask laid out like its sequences, after checking its shape.
+def resolve_mask(
+    mask: Tensor | None, *tensors: Tensor, names: tuple[str, ...] = ("values",), loss: bool = False
+) -> Tensor:
+    """Return ``mask`` after checking its shape; by default the running segment's mask, laid out like its sequences.
+
+    With ``loss``, the default is the segment's loss mask (:attr:`~lightning_tbptt.Segment.loss_mask`).
 
     Raises:
         BatchError: If the mask is not boolean or does not match the leading two dimensions of every tensor.
@@ -29,7 +33,8 @@ def resolve_mask(mask: Tensor | None, *tensors: Tensor, names: tuple[str, ...] =
 
     """
     if mask is None:
-        mask = current_segment().sequence_mask
+        segment = current_segment()
+        mask = segment.laid_out(segment.loss_mask) if loss else segment.sequence_mask
     if mask.dtype != torch.bool or mask.dim() != 2:
         raise BatchError(
             f"Expected `mask` to be a 2-D boolean tensor but got dtype {mask.dtype} and shape {tuple(mask.shape)}."
@@ -51,7 +56,9 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
     Args:
         values: Per-step values (an unreduced loss, say) whose first two dimensions are batch and time, laid out like
             the sequence tensors (``(B, T, ...)``, or ``(T, B, ...)`` with ``time_dim=0``).
-        mask: Boolean ``(B, T)`` (or ``(T, B)``) validity mask. Defaults to the running segment's mask.
+        mask: Boolean ``(B, T)`` (or ``(T, B)``) validity mask. Defaults to the running segment's loss mask
+            (:attr:`~lightning_tbptt.Segment.loss_mask`: its valid new steps, or with ``loss_on="window"`` every
+            valid step of an overlapping window).
 
     Returns:
         The mean over valid steps (and over any trailing dimensions); 0, with a zero gradient, if none is valid. It
@@ -64,7 +71,7 @@ def masked_mean(values: Tensor, mask: Tensor | None = None) -> Tensor:
         NoSegmentError: If ``mask`` is not given and no segment is running.
 
     """
-    mask = resolve_mask(mask, values)
+    mask = resolve_mask(mask, values, loss=True)
     expanded = mask.reshape(*mask.shape, *([1] * (values.dim() - 2)))
     # accumulate in at least float32: a float16 sum over many steps overflows
     accumulate = torch.promote_types(values.dtype, torch.float32)

@@ -30,7 +30,7 @@ import torch
 from lightning_tbptt.errors import BatchError
 from lightning_tbptt.lengths import LengthsLocation, check_lengths, segment_lengths
 from lightning_tbptt.segment import Segment
-from lightning_tbptt.split import _tensors, batch_dim, segment_bounds, sequence_length, slice_batch
+from lightning_tbptt.split import _tensors, batch_dim, sequence_length, slice_batch
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,50 @@ class PlannedSegment:
     """What ``training_step`` receives."""
     info: Segment
     """What :func:`~lightning_tbptt.current_segment` returns while it runs."""
+    carry_at: int | None = None
+    """The offset after which the state carried into the next segment is taken (the next window's first step), or
+    ``None``: the segment's end."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """Where one segment lies in its batch."""
+
+    start: int
+    stop: int
+    new_start: int = 0
+    """Offset of the first step not trained by an earlier window (the segment's length for a burn-in prefix)."""
+    carry_at: int | None = None
+    burn_in: bool = False
+
+
+def windows(length: int, segment_length: int, stride: int | None = None, burn_in: int = 0) -> list[Window]:
+    """Return the segments covering ``length`` steps.
+
+    A burn-in prefix of ``burn_in`` steps, then windows of ``segment_length`` steps starting every ``stride`` steps
+    until one reaches the end.
+
+    Each window after the first overlaps the previous one by ``segment_length - stride`` steps, its new steps are its
+    last ``stride``, and the state carried into it is the previous window's state after ``stride`` steps. Without a
+    stride (or with ``stride == segment_length``) these are consecutive segments.
+
+    Example:
+        >>> [(w.start, w.stop, w.new_start, w.carry_at) for w in windows(10, 4, stride=2)]
+        [(0, 4, 0, 2), (2, 6, 2, 2), (4, 8, 2, 2), (6, 10, 2, None)]
+        >>> [(w.start, w.stop, w.burn_in) for w in windows(10, 4, burn_in=3)]
+        [(0, 3, True), (3, 7, False), (7, 10, False)]
+
+    """
+    stride = segment_length if stride is None else stride
+    found = [Window(0, burn_in, burn_in, None, True)] if burn_in else []
+    start, covered = burn_in, burn_in
+    while covered < length:
+        stop = min(start + segment_length, length)
+        found.append(Window(start, stop, covered - start, stride if stop < length else None))
+        covered, start = stop, start + stride
+    if stride == segment_length:
+        found = [Window(w.start, w.stop, w.new_start, None, w.burn_in) for w in found]
+    return found
 
 
 class SegmentPlan:
@@ -55,8 +99,10 @@ class SegmentPlan:
         time_length: int = 0,
         lengths: torch.Tensor | None = None,
         first_starts: torch.Tensor | None = None,
+        burn_in_segments: int = 0,
     ) -> None:
         self._count = count
+        self.burn_in_segments = burn_in_segments
         self._build = build
         self.batch_size = batch_size
         """Number of rows of the batch (0 when a custom split cut it)."""
@@ -70,6 +116,11 @@ class SegmentPlan:
 
     def __len__(self) -> int:
         return self._count
+
+    @property
+    def steps(self) -> int:
+        """Number of segments that train (burn-in prefixes excluded)."""
+        return self._count - self.burn_in_segments
 
     def __iter__(self) -> Iterator[PlannedSegment]:
         return self._build()
@@ -110,6 +161,9 @@ def plan_segments(
     lengths: LengthsLocation | None = None,
     drop_finished: bool = False,
     resets: LengthsLocation | None = None,
+    stride: int | None = None,
+    burn_in: int = 0,
+    loss_on_overlap: bool = False,
 ) -> SegmentPlan:
     """Plan the segments of ``batch`` (see the module documentation).
 
@@ -122,6 +176,10 @@ def plan_segments(
         resets: Where the batch holds its reset markers (a boolean ``(B,)`` flag per row, or ``(B, T)`` /
             ``(T, B)`` markers laid out like the sequences), or ``None``. Each segment gets its own slice of the
             markers in their place, and :attr:`Segment.starts`.
+        stride: Steps between the starts of overlapping windows of ``segment_length`` steps (see :func:`windows`);
+            ``None``: consecutive segments.
+        burn_in: Steps of a prefix run without gradient before the first window, 0 for none.
+        loss_on_overlap: Whether the segments' :attr:`~Segment.loss_mask` includes the overlap.
 
     Raises:
         BatchError: If the batch cannot be split (see :func:`~lightning_tbptt.split.sequence_length`), its lengths
@@ -159,12 +217,19 @@ def plan_segments(
     if resets is not None:
         given_starts = resets.get(batch)
         starts = _check_starts(given_starts, resets.describe(), rows, padded, time_dim)
-    bounds = segment_bounds(longest, segment_length)
+    if burn_in >= longest:
+        raise BatchError(
+            f"Expected `burn_in` to be shorter than the batch's {'longest sequence' if lengths else 'sequences'}"
+            f" ({longest} steps) but got {burn_in}, so no step would be trained. Lower `burn_in` or use longer"
+            " sequences."
+        )
+    bounds = windows(longest, segment_length, stride, burn_in)
     # int64 (no unsigned wrap-around in `length - start`) and on the sequences' device (where the mask is used)
     full_long = None if full is None else full.to(device=device, dtype=torch.long, non_blocking=True)
 
     def build() -> Iterator[PlannedSegment]:
-        for index, (start, stop) in enumerate(bounds):
+        for index, window in enumerate(bounds):
+            start, stop = window.start, window.stop
             size = stop - start
             active = None
             if on_cpu is not None and drop_finished and bool((on_cpu <= start).any()):
@@ -179,7 +244,8 @@ def plan_segments(
                     valid = valid.index_select(0, active.to(device, non_blocking=True))
                 # written back into the batch with the dtype and on the device the batch had them
                 data = lengths.replace(data, valid.to(device=full.device, dtype=full.dtype, non_blocking=True))
-                num_valid = int(valid_cpu.sum())  # from the CPU copy: no device synchronisation
+                # from the CPU copy: no device synchronisation
+                num_valid = int((valid_cpu - window.new_start).clamp(min=0).sum())
             segment_starts = None
             if starts is not None and given_starts is not None and resets is not None:
                 segment_starts = starts[:, start:stop] if active is None else starts[active, start:stop]
@@ -196,11 +262,22 @@ def plan_segments(
                 device=device,
                 num_valid=-1 if num_valid is None else num_valid,
                 starts=segment_starts,
+                new_start=window.new_start,
+                loss_on_overlap=loss_on_overlap,
+                burn_in=window.burn_in,
             )
-            yield PlannedSegment(data, info)
+            yield PlannedSegment(data, info, window.carry_at)
 
     first = None if starts is None else starts[:, 0].clone()
-    return SegmentPlan(len(bounds), build, batch_size=rows, time_length=padded, lengths=on_cpu, first_starts=first)
+    return SegmentPlan(
+        len(bounds),
+        build,
+        batch_size=rows,
+        time_length=padded,
+        lengths=on_cpu,
+        first_starts=first,
+        burn_in_segments=sum(window.burn_in for window in bounds),
+    )
 
 
 def _starts_in_batch(

@@ -60,13 +60,27 @@ class Segment:
     starts: Tensor | None = None
     """Boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new sequence (its recurrent state is
     zeroed right before that step); ``None`` when the batch has no reset markers."""
+    new_start: int = 0
+    """Offset of the segment's first *new* time step: with overlapping windows (``stride`` < ``segment_length``) the
+    steps before it were already trained in the previous window; for a burn-in prefix, the segment's length."""
+    loss_on_overlap: bool = False
+    """Whether the loss applies to the overlap too (``TBPTTCallback(loss_on="window")``): :attr:`loss_mask` is then
+    :attr:`valid_mask`, else :attr:`mask`."""
+    burn_in: bool = False
+    """Whether the segment is a burn-in prefix: run without gradient, only to refresh the recurrent state; no time
+    step of it counts (:attr:`mask` and :attr:`loss_mask` are all ``False``)."""
 
     def __post_init__(self) -> None:
         if self.lengths is not None:
             object.__setattr__(self, "batch_size", self.lengths.shape[0])
             object.__setattr__(self, "device", self.lengths.device)
+        if self.burn_in:
+            object.__setattr__(self, "new_start", self.length)
         if self.num_valid < 0:
-            valid = self.batch_size * self.length if self.lengths is None else int(self.lengths.sum())
+            if self.lengths is None:
+                valid = self.batch_size * (self.length - self.new_start)
+            else:
+                valid = int((self.lengths - self.new_start).clamp(min=0).sum())
             object.__setattr__(self, "num_valid", valid)
 
     @property
@@ -75,12 +89,35 @@ class Segment:
         return None if self.start is None else self.start + self.length
 
     @cached_property
-    def mask(self) -> Tensor:
-        """Boolean validity mask of shape ``(B, T_seg)``: ``True`` on the time steps that count."""
+    def valid_mask(self) -> Tensor:
+        """Boolean ``(B, T_seg)`` mask of the steps that are not padding (the overlap included)."""
         if self.lengths is None:
             return torch.ones(self.batch_size, self.length, dtype=torch.bool, device=self.device)
         steps = torch.arange(self.length, device=self.lengths.device)
         return steps.unsqueeze(0) < self.lengths.unsqueeze(1)
+
+    @cached_property
+    def mask(self) -> Tensor:
+        """Boolean mask of shape ``(B, T_seg)``: ``True`` on the time steps that count, the valid *new* ones.
+
+        Steps of the overlap with the previous window and burn-in steps do not count, so every time step counts
+        exactly once in metrics and logging.
+        """
+        if self.new_start == 0:
+            return self.valid_mask
+        steps = torch.arange(self.length, device=self.device)
+        return self.valid_mask & (steps >= self.new_start).unsqueeze(0)
+
+    @property
+    def loss_mask(self) -> Tensor:
+        """The steps the loss applies to, the default of :func:`~lightning_tbptt.masked_mean`.
+
+        That is :attr:`mask`, or with ``TBPTTCallback(loss_on="window")`` every valid step of the window
+        (:attr:`valid_mask`).
+        """
+        if self.loss_on_overlap and not self.burn_in:
+            return self.valid_mask
+        return self.mask
 
     @property
     def sequence_mask(self) -> Tensor:
@@ -90,10 +127,19 @@ class Segment:
             ConfigurationError: For other time dimensions, where a per-step tensor's layout cannot be guessed.
 
         """
+        return self.laid_out(self.mask)
+
+    def laid_out(self, mask: Tensor) -> Tensor:
+        """A ``(B, T_seg)`` mask laid out like the segment's sequence tensors (see :attr:`sequence_mask`).
+
+        Raises:
+            ConfigurationError: For other time dimensions, where a per-step tensor's layout cannot be guessed.
+
+        """
         if self.time_dim == 1:
-            return self.mask
+            return mask
         if self.time_dim == 0:
-            return self.mask.t()
+            return mask.t()
         raise ConfigurationError(
             f"Expected `time_dim` to be 0 or 1 to lay the mask out like the sequence tensors but got {self.time_dim}."
             " Pass the mask explicitly (`mask=...`), arranged like your per-step tensors."

@@ -167,19 +167,30 @@ class _Stream:
         self.rows.clear()
 
 
-class _Resets:
-    """Where, inside one segment, lanes start a new sequence.
+class _Cuts:
+    """Where, inside one segment, the recurrent calls are split.
 
-    ``first`` is the ``(B,)`` mask of rows whose state is zeroed before the segment's first step; ``cuts`` lists the
-    later steps ``c`` at which some rows start anew, with the ``(B,)`` mask of those rows.
+    ``first`` is the ``(B,)`` mask of rows whose state is zeroed before the segment's first step (or ``None``);
+    ``cuts`` lists the later steps ``c`` at which the call is split, each with the ``(B,)`` mask of rows that start a
+    new sequence there (or ``None``) and whether the state there is the one carried into the next segment.
     """
 
-    def __init__(self, starts: Tensor) -> None:
-        self.length = starts.shape[1]
-        first = starts[:, 0]
-        self.first = first if bool(first.any()) else None
-        columns = torch.nonzero(starts[:, 1:].any(dim=0)).flatten() + 1
-        self.cuts = [(int(c), starts[:, int(c)]) for c in columns]
+    def __init__(self, length: int, starts: Tensor | None, carry_at: int | None) -> None:
+        self.length = length
+        self.first = None
+        marked: dict[int, Tensor | None] = {}
+        if starts is not None:
+            first = starts[:, 0]
+            self.first = first if bool(first.any()) else None
+            columns = torch.nonzero(starts[:, 1:].any(dim=0)).flatten() + 1
+            marked = {int(c): starts[:, int(c)] for c in columns}
+        self.carry_at = carry_at if carry_at is not None and 0 < carry_at < length else None
+        steps = sorted(set(marked) | ({self.carry_at} if self.carry_at is not None else set()))
+        self.cuts = [(c, marked.get(c), c == self.carry_at) for c in steps]
+
+    @property
+    def needed(self) -> bool:
+        return self.first is not None or bool(self.cuts)
 
 
 class StateCarrier:
@@ -202,8 +213,9 @@ class StateCarrier:
         self._stream = self._stream_named("train")
         self._pending: dict[str, Any] = {}
         self._pieces: dict[str, tuple[list[Tensor], int]] = {}
+        self._captured: dict[str, Any] = {}
         self._active = False
-        self._resets: _Resets | None = None
+        self._resets: _Cuts | None = None
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
         self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else None for name, module in modules.items()}
@@ -245,6 +257,8 @@ class StateCarrier:
         batch_size: int = 0,
         starts: Tensor | None = None,
         stream: str = "train",
+        length: int = 0,
+        carry_at: int | None = None,
     ) -> Iterator[None]:
         """Activate the hooks for one segment; on success, the states the modules returned become the carried ones.
 
@@ -256,6 +270,9 @@ class StateCarrier:
                 state is zeroed right before that step (a call is split there when the step is inside the segment).
                 ``None``: no row starts anew.
             stream: Whose state is carried (``"train"``, or an evaluation stream).
+            length: Number of time steps of the segment (needed with ``carry_at``).
+            carry_at: Carry into the next segment the state after this many steps of the segment (the calls are split
+                there), rather than the state at its end: the next segment is an overlapping window that starts there.
 
         If the segment raises, the carried state is left as it was.
 
@@ -263,13 +280,15 @@ class StateCarrier:
         self._stream = self._stream_named(stream)
         if rows is not None:
             self._restrict(rows)
-        self._resets = None if starts is None or not bool(starts.any()) else _Resets(starts)
+        cuts = _Cuts(length if starts is None else starts.shape[1], starts, carry_at)
+        self._resets = cuts if cuts.needed else None
         self._active = True
         try:
             yield
         except BaseException:
             self._pending.clear()
             self._pieces.clear()
+            self._captured.clear()
             raise
         finally:
             self._active = False
@@ -329,6 +348,7 @@ class StateCarrier:
                 state.clear()
         self._pending.clear()
         self._pieces.clear()
+        self._captured.clear()
 
     def remove(self) -> None:
         """Remove every hook from the modules."""
@@ -365,9 +385,9 @@ class StateCarrier:
         kwargs: dict[str, Any],
         argument: str,
         state: Any,
-        resets: _Resets,
+        resets: _Cuts,
     ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
-        """Run the call up to the segment's last reset piece by piece, zeroing the rows that start anew between pieces.
+        """Run the call up to the segment's last cut piece by piece, zeroing the rows that start anew between pieces.
 
         Returns the arguments of the call that computes the last piece (with its state left out) and the state it
         starts from. The outputs of the earlier pieces are kept and joined to the last piece's output in
@@ -381,10 +401,11 @@ class StateCarrier:
         if not isinstance(inputs, Tensor) or inputs.dim() <= time_dim or inputs.shape[time_dim] != resets.length:
             got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
             raise ModelError(
-                f"Cannot reset the state of `{name}` ({type(module).__name__}) inside a segment: expected its input to"
-                f" be a tensor with the segment's {resets.length} time steps along dimension {time_dim} but got {got}."
-                " Call the recurrent module on the segment's time steps (padded, not packed), or start new"
-                " sequences only at batch boundaries."
+                f"Cannot split the call of `{name}` ({type(module).__name__}) inside a segment (where a sequence starts"
+                " anew, or with `stride` where the next window starts): expected its input to be a tensor with the"
+                f" segment's {resets.length} time steps along dimension {time_dim} but got {got}. Call the recurrent"
+                " module on the segment's time steps (padded, not packed), or start new sequences only at batch"
+                " boundaries and do not set `stride`."
             )
         extra_args = args[2:]
         extra_kwargs = {key: value for key, value in kwargs.items() if key not in (input_name, argument)}
@@ -403,11 +424,14 @@ class StateCarrier:
 
         outputs: list[Tensor] = []
         start = 0
-        for stop, rows in resets.cuts:
+        for stop, rows, carried in resets.cuts:
             piece_input, piece_args, piece_kwargs = piece(start, stop)
             output, state = module.forward(piece_input, state, *piece_args, **piece_kwargs)
             outputs.append(output)
-            state = self._zero_rows(name, state, rows)
+            if carried:
+                self._captured[name] = state
+            if rows is not None:
+                state = self._zero_rows(name, state, rows)
             start = stop
         self._pieces[name] = (outputs, time_dim)
         last_input, last_args, last_kwargs = piece(start, resets.length)
@@ -426,7 +450,7 @@ class StateCarrier:
                 f" got {type(output).__name__}. Return a pair from its forward, or remove {name!r} from"
                 " `TBPTTCallback(recurrent_modules=...)`."
             )
-        self._pending[name] = output[1]
+        self._pending[name] = self._captured.pop(name, output[1])
         if name in self._pieces:
             outputs, time_dim = self._pieces.pop(name)
             return (torch.cat([*outputs, output[0]], dim=time_dim), output[1])

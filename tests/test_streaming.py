@@ -185,7 +185,7 @@ def test_a_packed_input_cannot_be_reset_inside_a_segment(tmp_path):
             return self.head(torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)[0])
 
     trainer = make_trainer(tmp_path, [TBPTTCallback(SEGMENT, streaming=True, resets="starts")])
-    with pytest.raises(ModelError, match=r"Cannot reset the state of `rnn` \(LSTM\) inside a segment.*PackedSequence"):
+    with pytest.raises(ModelError, match=r"Cannot split the call of `rnn` \(LSTM\) inside a segment.*PackedSequence"):
         trainer.fit(PackingRegressor().double(), loader_of(lane_batches()))
 
 
