@@ -7,6 +7,7 @@ Prints the median milliseconds per segment and the ratios.
     python benchmarks/overhead.py                 # H=256, B=32, k=64, T=2048, 1 layer, SGD
     python benchmarks/overhead.py --log           # with one self.log per segment in both Lightning variants
     python benchmarks/overhead.py --progress-bar  # with Lightning's TQDM bar (segment i/k) in both Lightning variants
+    python benchmarks/overhead.py --stride 32     # TBPTTCallback with overlapping windows (k2=64 every k1=32 steps)
 """
 
 import argparse
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the least noisy)")
     parser.add_argument("--log", action="store_true", help="self.log once per segment in the Lightning variants")
     parser.add_argument("--progress-bar", action="store_true", help="Lightning's TQDM bar in the Lightning variants")
+    parser.add_argument("--stride", type=int, default=None, help="overlapping windows for TBPTTCallback (k1)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -165,7 +167,7 @@ def main() -> None:
         if name == "manual Lightning loop":
             manual = ManualModel(fresh(), lr, args.log, args.segment_length)
             return fit_seconds(manual, batches, [], args.progress_bar)
-        callback = TBPTTCallback(args.segment_length)
+        callback = TBPTTCallback(args.segment_length, stride=args.stride)
         return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar)
 
     names = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"]
@@ -181,7 +183,8 @@ def main() -> None:
         f"LSTM H={args.hidden_size}, B={args.batch_size}, k={args.segment_length}, T={args.length}: median of "
         f"{len(runs['TBPTTCallback'])} timed batches of {segments} segments, {args.rounds} interleaved rounds, "
         f"{args.threads} threads, torch {torch.__version__}, "
-        f"pytorch-lightning {pl.__version__}, log={args.log}, progress bar={args.progress_bar}"
+        f"pytorch-lightning {pl.__version__}, log={args.log}, progress bar={args.progress_bar}, stride={args.stride}"
+        + ("" if args.stride is None else " (TBPTTCallback: ms per batch / segments of the plain split, see docs)")
     )
     print(f"{'method':<24}{'ms/segment':>12}{'min':>9}{'vs raw':>10}{'vs manual':>12}")
     for name, ms in per_segment.items():
