@@ -4,7 +4,7 @@ import dataclasses
 import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -72,6 +72,29 @@ class _Position:
     world_size: int = 1
     in_batch: bool = False
     """Set while a batch runs: a checkpoint taken then holds parameters from the middle of the batch."""
+
+
+@contextmanager
+def _not_logging(module: Any) -> Iterator[None]:
+    """Make ``self.log``/``self.log_dict`` of ``module`` do nothing, while a burn-in segment runs.
+
+    Its values (a loss over no valid step may be NaN) must reach no log, whatever their weight or reduction.
+    """
+    shadowed = vars(module)
+    previous = {name: shadowed.get(name) for name in ("log", "log_dict")}
+
+    def ignore(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    shadowed.update(log=ignore, log_dict=ignore)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                del shadowed[name]
+            else:
+                shadowed[name] = value
 
 
 def _check_bool(value: Any, argument: str) -> bool:
@@ -579,6 +602,7 @@ class TBPTTCallback(CallbackBase):
                 resets=self._resets,
                 stride=self.stride if stream == _TRAIN else None,
                 burn_in=self.burn_in if fresh else 0,
+                whole_burn_in=stream != _TRAIN,
                 loss_on_overlap=self.loss_on == "window",
             )
         assert self._trainer is not None
@@ -824,7 +848,8 @@ class TBPTTCallback(CallbackBase):
             for planned in plan:
                 segment_batch, info = self._prepare(planned)
                 progress.show(info.index, len(plan))
-                with self._running(info, _EVAL):
+                silenced = _not_logging(trainer.lightning_module) if info.burn_in else nullcontext()
+                with self._running(info, _EVAL), silenced:
                     set_log_weight(trainer, info.num_valid)
                     try:
                         outputs.append(step(segment_batch, *rest, **kwargs))
@@ -840,12 +865,8 @@ class TBPTTCallback(CallbackBase):
         assert self._trainer is not None
         kwargs = OrderedDict(context.kwargs)
         kwargs["batch"], info = self._prepare(planned)
-        set_log_weight(self._trainer, 0)
-        try:
-            with torch.no_grad(), self._running(info, _TRAIN):
-                call_training_step(self._trainer, kwargs)
-        finally:
-            set_log_weight(self._trainer, None)
+        with torch.no_grad(), self._running(info, _TRAIN), _not_logging(self._trainer.lightning_module):
+            call_training_step(self._trainer, kwargs)
 
     def _returned_hiddens(self, output: dict[str, Any], index: int) -> Any:
         if "hiddens" not in output:

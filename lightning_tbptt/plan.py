@@ -164,6 +164,7 @@ def plan_segments(
     stride: int | None = None,
     burn_in: int = 0,
     loss_on_overlap: bool = False,
+    whole_burn_in: bool = False,
 ) -> SegmentPlan:
     """Plan the segments of ``batch`` (see the module documentation).
 
@@ -180,6 +181,7 @@ def plan_segments(
             ``None``: consecutive segments.
         burn_in: Steps of a prefix run without gradient before the first window, 0 for none.
         loss_on_overlap: Whether the segments' :attr:`~Segment.loss_mask` includes the overlap.
+        whole_burn_in: Accept a batch that ``burn_in`` covers whole (it is then one burn-in segment); else raise.
 
     Raises:
         BatchError: If the batch cannot be split (see :func:`~lightning_tbptt.split.sequence_length`), its lengths
@@ -217,7 +219,9 @@ def plan_segments(
     if resets is not None:
         given_starts = resets.get(batch)
         starts = _check_starts(given_starts, resets.describe(), rows, padded, time_dim)
-    if burn_in >= longest:
+    if burn_in >= longest and whole_burn_in:
+        burn_in = longest
+    elif burn_in >= longest:
         raise BatchError(
             f"Expected `burn_in` to be shorter than the batch's {'longest sequence' if lengths else 'sequences'}"
             f" ({longest} steps) but got {burn_in}, so no step would be trained. Lower `burn_in` or use longer"

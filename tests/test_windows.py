@@ -363,3 +363,107 @@ def test_a_stride_longer_than_the_modules_truncated_bptt_steps(tmp_path):
     trainer = make_trainer(tmp_path, [TBPTTCallback(stride=5)])
     with pytest.raises(ConfigurationError, match="`stride` to be at most the segment length 4"):
         trainer.fit(model, make_loader())
+
+
+class Recording(WindowRegressor):
+    """Frozen (learning rate 0): records every window's outputs, to compare with one pass over the whole stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.windows: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+        self.grad_in_burn_in: list[bool] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        segment = current_segment()
+        out = self(batch[0])
+        if segment.burn_in:
+            self.grad_in_burn_in.append(torch.is_grad_enabled() or out.requires_grad)
+        else:
+            self.windows.append((segment, out.detach(), batch_idx))
+        valid = segment.mask
+        # NaN over a burn-in segment (no valid step): must reach no log
+        self.log("plain_mse", F.mse_loss(out.squeeze(-1)[valid], batch[1].squeeze(-1)[valid]), on_epoch=True)
+        return masked_mean((out - batch[1]).pow(2).squeeze(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def stepwise(model: Any, batches: list[Any], streaming: bool) -> list[torch.Tensor]:
+    """Every batch's outputs, one step at a time, zeroing a row's state where its marker is set."""
+    outputs, state = [], None
+    for x, _, starts in batches:
+        state = state if streaming else None
+        steps = []
+        for t in range(x.shape[1]):
+            if state is not None:
+                keep = (~starts[:, t]).to(x.dtype).view(1, -1, 1)
+                state = tuple(s * keep for s in state)
+            out, state = model.rnn(x[:, t : t + 1], state)
+            steps.append(model.head(out))
+        outputs.append(torch.cat(steps, dim=1))
+    return outputs
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_every_window_sees_the_exact_state_around_resets_at_and_near_the_cut(tmp_path, streaming):
+    # windows of 6 steps every 3 over 17 steps; markers on cuts, next to them and at a batch start
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(2):
+        x = torch.randn(3, 17, 3, generator=generator, dtype=torch.float64)
+        starts = torch.zeros(3, 17, dtype=torch.bool)
+        starts[0, 6] = starts[1, 10] = starts[2, 8] = starts[1, 0] = True
+        batches.append((x, torch.randn(3, 17, 1, generator=generator, dtype=torch.float64), starts))
+    torch.manual_seed(0)
+    model = Recording().double()
+    callback = TBPTTCallback(6, stride=3, burn_in=2, resets=2, streaming=streaming)
+    trainer = make_trainer(tmp_path, [callback])
+    trainer.fit(model, DataLoader(batches, batch_size=None))
+    with torch.no_grad():
+        expected = stepwise(model, batches, streaming)
+    # after a burn-in of 2: windows at 2, 5, 8, 11 (cuts at 5, 8, 11, 14); else at 0, 3, 6, 9, 12
+    assert len(model.windows) == (4 + 5 if streaming else 4 + 4)
+    for segment, out, batch_idx in model.windows:
+        whole = expected[batch_idx]
+        assert torch.allclose(out, whole[:, segment.start : segment.stop], rtol=0, atol=1e-10), segment.start
+    assert model.grad_in_burn_in == ([False] if streaming else [False, False])  # burn-in builds no graph
+    assert torch.isfinite(trainer.callback_metrics["plain_mse"])  # the burn-in's NaN reached no log
+
+
+def test_every_window_sees_the_exact_state_with_lengths_and_dropped_rows(tmp_path):
+    x, y = make_loader().dataset.tensors
+    lengths = torch.tensor([23, 9, 14, 6])
+    batches = [(x[:4], y[:4], lengths)]
+
+    class Padded(Recording):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            segment = current_segment()
+            out = self(batch[0])
+            self.windows.append((segment, out.detach(), batch_idx))
+            return masked_mean((out - batch[1]).pow(2).squeeze(-1))
+
+    torch.manual_seed(0)
+    model = Padded().double()
+    make_trainer(tmp_path, [TBPTTCallback(K2, stride=K1, lengths=2, drop_finished=True)]).fit(
+        model, DataLoader(batches, batch_size=None)
+    )
+    with torch.no_grad():
+        (expected,) = stepwise(model, [(x[:4], y[:4], torch.zeros(4, 23, dtype=torch.bool))], streaming=False)
+    for segment, out, _ in model.windows:
+        rows = torch.arange(4) if segment.rows is None else segment.rows
+        valid = segment.valid_mask
+        want = expected[rows, segment.start : segment.stop]
+        assert torch.allclose(out[valid], want[valid], rtol=0, atol=1e-10), segment.start
+    assert any(segment.rows is not None for segment, _, _ in model.windows)  # rows were dropped
+
+
+def test_an_evaluation_batch_shorter_than_the_burn_in_is_run_but_not_counted(tmp_path):
+    class Evaluated(WindowRegressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.error.update(self(x).squeeze(-1), y.squeeze(-1))
+
+    model = Evaluated().double()
+    make_trainer(tmp_path, [TBPTTCallback(K2, burn_in=30)]).validate(model, make_loader())
+    assert int(model.error.metric.total) == 0
