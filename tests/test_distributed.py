@@ -34,34 +34,59 @@ def masks(lengths: torch.Tensor, start: int, size: int) -> torch.Tensor:
     return torch.arange(start, start + size).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def rank_windows(longest: int, stride: int, burn_in: int) -> list[tuple[int, int, int, bool]]:
+    """``(start, stop, first new step, another window follows)`` of the windows after a burn-in of ``burn_in`` steps."""
+    found, start, covered = [], burn_in, burn_in
+    while covered < longest:
+        stop = min(start + SEGMENT, longest)
+        found.append((start, stop, covered - start, stop < longest))
+        covered, start = stop, start + stride
+    return found
+
+
 def reference(
-    model: SequenceRegressor, step_per: str, accumulate: int = 1, weight_decay: float = 0.0
+    model: SequenceRegressor,
+    step_per: str,
+    accumulate: int = 1,
+    weight_decay: float = 0.0,
+    stride: int = SEGMENT,
+    burn_in: int = 0,
 ) -> dict[str, Any]:
     """DDP by hand in one process: per segment index, the mean over ranks of each rank's masked loss (0 when the rank
-    has no segment left); one step per segment index, or per ``accumulate`` batches (losses divided by it)."""
+    has no segment left); one step per segment index, or per ``accumulate`` batches (losses divided by it). With
+    ``stride`` < SEGMENT, overlapping windows (the loss on their new steps; the state carried from the previous
+    window after ``stride`` steps); ``burn_in`` steps first run without gradient."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=weight_decay)
     squared, valid, steps = 0.0, 0, 0
     data = {rank: rank_batches(rank) for rank in LAYOUT}
     for b in range(len(LAYOUT[0])):
         states: dict[int, Any] = dict.fromkeys(LAYOUT)
-        counts = {rank: -(-int(data[rank][b][2].max()) // SEGMENT) for rank in LAYOUT}
-        for index in range(max(counts.values())):
+        windows = {rank: rank_windows(int(data[rank][b][2].max()), stride, burn_in) for rank in LAYOUT}
+        if burn_in:
+            with torch.no_grad():
+                states = {rank: detach_state(model.rnn(data[rank][b][0][:, :burn_in])[1]) for rank in LAYOUT}
+        most = max(len(found) for found in windows.values())
+        for index in range(most):
             loss = torch.zeros((), dtype=torch.float64)
             for rank in LAYOUT:
-                if index >= counts[rank]:
+                if index >= len(windows[rank]):
                     continue
                 x, y, lengths = data[rank][b]
-                start = index * SEGMENT
-                size = min(SEGMENT, x.shape[1] - start)
-                out, new_state = model.rnn(x[:, start : start + size], states[rank])
-                states[rank] = detach_state(new_state)
-                mask = masks(lengths, start, size)
-                errors = (model.head(out) - y[:, start : start + size]).pow(2).squeeze(-1)
-                loss = loss + errors[mask].mean()
+                start, stop, new, follows = windows[rank][index]
+                if follows and stride < stop - start:
+                    first, carried = model.rnn(x[:, start : start + stride], states[rank])
+                    rest, _ = model.rnn(x[:, start + stride : stop], carried)
+                    out = torch.cat([first, rest], dim=1)
+                else:
+                    out, carried = model.rnn(x[:, start:stop], states[rank])
+                states[rank] = detach_state(carried)
+                mask = masks(lengths, start, stop - start) & (torch.arange(stop - start) >= new)
+                errors = (model.head(out) - y[:, start:stop]).pow(2).squeeze(-1)
+                loss = loss + errors[mask].sum() / mask.sum().clamp(min=1)
                 squared += float(errors[mask].detach().sum())
                 valid += int(mask.sum())
             (loss / WORLD / accumulate).backward()
-            last = index == max(counts.values()) - 1 and ((b + 1) % accumulate == 0 or b == len(LAYOUT[0]) - 1)
+            last = index == most - 1 and ((b + 1) % accumulate == 0 or b == len(LAYOUT[0]) - 1)
             if step_per == "segment" or last:
                 optimizer.step()
                 optimizer.zero_grad()
@@ -172,7 +197,9 @@ class Manual(Model):
 if __name__ == "__main__":
     torch.manual_seed(0)
     model = Manual().double() if step_per == "manual" else Model().double()
-    callback = TBPTTCallback(SEGMENT, step_per="segment" if step_per == "manual" else step_per, lengths=2)
+    windows = {"stride": 2, "burn_in": 1} if scenario == "windows" else {}
+    step_per = "segment" if step_per == "manual" else step_per
+    callback = TBPTTCallback(SEGMENT, step_per=step_per, lengths=2, **windows)
     options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
     if scenario == "unused":
         options["accumulate_grad_batches"] = 2
@@ -242,6 +269,22 @@ def test_a_parameter_no_process_uses_keeps_no_gradient_and_pending_gradients_are
     assert state["gradients_present"].shape == (WORLD, len(names))
     assert state["gradients_present"][:, names.index("unused.weight")].tolist() == [0, 0]
     assert state["gradients_present"][:, names.index("rnn.weight_ih_l0")].tolist() == [1, 1]
+
+
+def test_overlapping_windows_and_burn_in_with_different_window_counts_equal_the_reference(tmp_path):
+    ranks = run_ddp(tmp_path, "ddp", "segment", "windows")
+    torch.manual_seed(0)
+    reference_model = SequenceRegressor(log=False).double()
+    expected = reference(reference_model, "segment", stride=2, burn_in=1)
+    # after a burn-in of 1 step, windows of 4 steps every 2 up to each batch's longest sequence:
+    # rank 0: 9 and 3 windows, rank 1: 4 and 1
+    assert expected["steps"] == 9 + 3
+    for rank in ranks:
+        assert rank["global_step"] == expected["steps"]
+        for key, value in reference_model.state_dict().items():
+            assert torch.allclose(rank["parameters"][key], value, rtol=0, atol=1e-10), key
+        assert rank["metric"] == pytest.approx(expected["metric"], rel=1e-6)
+        assert rank["counts"] == [9 + 1] * 9 + [3 + 1] * 3  # the burn-in prefix counts among the batch's segments
 
 
 def test_a_batch_that_fails_on_one_process_stops_every_process(tmp_path):
