@@ -80,10 +80,10 @@ def windows(length: int, segment_length: int, stride: int | None = None, burn_in
     start, covered = burn_in, burn_in
     while covered < length:
         stop = min(start + segment_length, length)
-        found.append(Window(start, stop, covered - start, stride if stop < length else None))
+        # the next window starts inside this one: carry the state from there
+        carry_at = stride if stop < length and stride < stop - start else None
+        found.append(Window(start, stop, covered - start, carry_at))
         covered, start = stop, start + stride
-    if stride == segment_length:
-        found = [Window(w.start, w.stop, w.new_start, None, w.burn_in) for w in found]
     return found
 
 

@@ -211,14 +211,20 @@ def test_burn_in_equals_the_reference_and_counts_nothing(tmp_path):
     assert int(model.error.metric.total) == 12 * (23 - 4)
 
 
+def padded_batches(lengths: list[torch.Tensor]) -> list[Any]:
+    """The 3 batches of 4 sequences of ``make_loader``, with these lengths (batches of ``(x, y, lengths)``)."""
+    x, y = make_loader().dataset.tensors
+    return [(x[4 * b : 4 * b + 4], y[4 * b : 4 * b + 4], lengths[b]) for b in range(3)]
+
+
+class Padded(WindowRegressor):
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch[:2], batch_idx)
+
+
 def test_burn_in_before_plain_segments_with_lengths(tmp_path):
     lengths = [torch.tensor([23, 9, 14, 6]), torch.tensor([20, 23, 8, 11]), torch.tensor([5, 12, 23, 17])]
-    x, y = make_loader().dataset.tensors
-    batches = [(x[4 * b : 4 * b + 4], y[4 * b : 4 * b + 4], lengths[b]) for b in range(3)]
-
-    class Padded(WindowRegressor):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return super().training_step(batch[:2], batch_idx)
+    batches = padded_batches(lengths)
 
     torch.manual_seed(0)
     model = Padded().double()
@@ -269,12 +275,7 @@ def test_a_burn_in_as_long_as_the_sequence_is_refused(tmp_path):
 
 def test_overlapping_windows_with_lengths_and_dropped_rows(tmp_path):
     lengths = [torch.tensor([23, 9, 14, 6]), torch.tensor([20, 23, 8, 11]), torch.tensor([5, 12, 21, 17])]
-    x, y = make_loader().dataset.tensors
-    batches = [(x[4 * b : 4 * b + 4], y[4 * b : 4 * b + 4], lengths[b]) for b in range(3)]
-
-    class Padded(WindowRegressor):
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            return super().training_step(batch[:2], batch_idx)
+    batches = padded_batches(lengths)
 
     fitted = []
     for drop in (False, True):
