@@ -40,6 +40,6 @@ def test_ci_runs_the_readme_commands():
     ).stdout.splitlines()
     assert ci == [
         "pip install torch==2.13.0 && pip install -e '.[test]' && python -m pytest",
-        "pip install torch==2.13.0 && pip install -e . && python examples/char_lm.py",
+        "pip install torch==2.13.0 && pip install . && lightning-tbptt demo",
     ]
     assert 'eval "$test_command"' in (ROOT / ".ci" / "run").read_text()

@@ -1,0 +1,120 @@
+"""The main job, `lightning-tbptt demo`: its command line, a short run, exact resume after an interruption."""
+
+import ast
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+import lightning_tbptt
+from lightning_tbptt import demo
+from lightning_tbptt.__main__ import build_parser, main
+
+# a small corpus, lanes and model: a run of a few seconds
+TINY = [
+    "demo",
+    "--chars=200000",
+    "--held-out=8000",
+    "--lanes=4",
+    "--eval-lanes=4",
+    "--batch-steps=64",
+    "--segment-length=16",
+    "--hidden-size=16",
+    "--embedding-size=8",
+    "--lr=0.01",
+    "--accelerator=cpu",
+    "--threads=1",  # two threads of a busy 2-core machine are many times slower than one
+]
+
+
+def run(*flags):
+    args = build_parser().parse_args([*TINY, *flags])
+    return args.run(args)
+
+
+def test_console_script_and_module_run_the_same_main():
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-tbptt"]
+    assert script.value == "lightning_tbptt.__main__:main"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "lightning_tbptt", "demo", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ["--max-steps", "--segment-length", "--stride", "--accelerator", "--checkpoint-dir", "--resume"]:
+        assert flag in help_text
+    with pytest.raises(SystemExit, match="0"):
+        main(["--version"])
+
+
+def test_demo_uses_only_the_public_api():
+    imported = set()
+    for node in ast.walk(ast.parse(Path(demo.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lightning_tbptt"):
+            assert node.module == "lightning_tbptt"
+            imported |= {alias.name for alias in node.names}
+        if isinstance(node, ast.Import):
+            assert not any(alias.name.startswith("lightning_tbptt") for alias in node.names)
+    assert imported
+    assert imported <= set(lightning_tbptt.__all__)
+
+
+def test_short_run_learns_and_reports(capsys):
+    result = run("--max-steps=24", "--val-every=2", "--seed=1")
+    out = capsys.readouterr().out
+    # 64 steps per batch / 16 per segment: 4 optimizer steps per batch, a validation every 2 batches
+    assert result["global_step"] == 24
+    assert [step for step, _ in result["history"]] == [8, 16, 24]
+    assert result["before"] > 7.5  # about log2(256) = 8 bits: an untrained model
+    assert result["after"] < result["history"][0][1] < result["before"]
+    assert "unigram entropy of the corpus" in out
+    assert f"held-out {result['after']:.3f} bits per character after 24 steps" in out
+    assert "peak memory:" in out
+    assert 0 < result["peak_mib"] < 4096
+    assert 3.5 < result["unigram_entropy"] < 6  # source code: far from uniform over 256 bytes
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_continues_exactly(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    whole = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'whole'}")
+    trained = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=False)["state_dict"]
+
+    step = demo.CharLM.training_step
+
+    def crash_after_18(self, batch, batch_idx):
+        if self.trainer.global_step == 18:
+            raise Interrupted
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(demo.CharLM, "training_step", crash_after_18)
+    with pytest.raises(Interrupted):
+        run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'cut'}")
+    saved = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 16  # the last validation before the interruption (mid-epoch)
+    monkeypatch.setattr(demo.CharLM, "training_step", step)
+    resumed = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'cut'}", "--resume=last")
+    assert resumed["before"] is None
+    assert resumed["global_step"] == 24
+    assert resumed["history"] == [(24, whole["after"])]
+    again = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, value in trained.items():
+        assert torch.equal(again[name], value), name
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-steps=0"], "argument --max-steps: expected a positive integer, got 0"),
+        (["--held-out=50000"], "argument --held-out: expected at most a tenth of --chars"),
+        (["--resume=last"], "argument --resume: `last` needs --checkpoint-dir"),
+        (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
+        (["--chars=1000000000000"], "argument --chars: the standard library at .* holds"),
+    ],
+)
+def test_bad_flags_are_refused_with_the_flag_and_value(flags, message):
+    with pytest.raises(SystemExit, match=message):
+        run(*flags)
