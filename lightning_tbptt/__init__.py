@@ -9,7 +9,7 @@ from lightning_tbptt.loss import masked_mean
 from lightning_tbptt.metric import MaskedMetric
 from lightning_tbptt.segment import Segment, current_segment
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "BatchError",

@@ -1,0 +1,29 @@
+"""Release hygiene that the test suite can check: the version, its changelog entry, the license and the entry point."""
+
+import re
+from importlib.metadata import metadata
+from pathlib import Path
+
+import lightning_tbptt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_version_is_released_in_the_changelog():
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", lightning_tbptt.__version__)
+    headings = re.findall(r"^## \[(.+?)\](?: - (\d{4}-\d{2}-\d{2}))?$", changelog, flags=re.MULTILINE)
+    assert headings[0] == ("Unreleased", "")
+    assert headings[1][0] == lightning_tbptt.__version__ and headings[1][1]
+
+
+def test_distribution_metadata():
+    installed = metadata("lightning-tbptt")
+    assert installed["Version"] == lightning_tbptt.__version__
+    assert installed["License-Expression"] == "Apache-2.0"
+    assert installed.get_all("License-File") == ["LICENSE"]
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    # a library's requirements are ranges: CI installs the pinned CPU torch first
+    requirements = installed.get_all("Requires-Dist")
+    assert any(r.startswith("torch>=") for r in requirements)
+    assert all("==" not in r for r in requirements if "extra ==" not in r)
