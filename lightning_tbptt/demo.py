@@ -104,21 +104,24 @@ class CharLM(pl.LightningModule):
 
 
 class StepsProgressBar(pl.callbacks.TQDMProgressBar):
-    """Lightning's bar, with the batches a ``max_steps`` run ends after: ``steps_per_batch`` optimizer steps each.
+    """Lightning's bar, sized to the batches a ``max_steps`` run trains: ``steps_per_batch`` optimizer steps each.
 
-    Lightning's own bar assumes one optimizer step per batch when it sizes a run given in steps.
+    Lightning's own bar assumes one optimizer step per batch when it sizes a run given in steps. With a burn-in, the
+    first batch of an epoch steps less often: one batch more is allowed for.
     """
 
-    def __init__(self, steps_per_batch: int, refresh_rate: int) -> None:
+    def __init__(self, steps_per_batch: int, burn_in: bool, refresh_rate: int) -> None:
         super().__init__(refresh_rate=refresh_rate)
         self.steps_per_batch = steps_per_batch
+        self.burn_in = burn_in
 
     @property
     def total_train_batches(self) -> int | float:
         """The batches of this epoch the run trains."""
         trainer = self.trainer
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
         remaining = -(-(trainer.max_steps - trainer.global_step) // self.steps_per_batch)
-        return min(trainer.num_training_batches, trainer.fit_loop.epoch_loop.batch_progress.current.ready + remaining)
+        return min(trainer.num_training_batches, done + remaining + int(self.burn_in and done == 0))
 
 
 class ValidationHistory(pl.Callback):
@@ -225,7 +228,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint_dir is not None:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True))
     steps_per_batch = -(-args.batch_steps // (args.stride or args.segment_length))
-    callbacks.append(StepsProgressBar(steps_per_batch, refresh_rate=1 if sys.stdout.isatty() else 8))
+    callbacks.append(StepsProgressBar(steps_per_batch, args.burn_in > 0, refresh_rate=1 if sys.stdout.isatty() else 8))
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         max_epochs=-1,
@@ -283,7 +286,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say(
         f"result: held-out {after:.3f} bits per character after {trainer.global_step} steps"
         f" ({'improved from' if improved else 'NOT improved from'} {first:.3f});"
-        f" {'below' if below else 'NOT below'} the unigram entropy {entropy:.3f} by {entropy - after:.3f}"
+        + (
+            f" below the unigram entropy {entropy:.3f} by {entropy - after:.3f}"
+            if below
+            else f" NOT below the unigram entropy {entropy:.3f}"
+        )
     )
     say(f"peak memory: {peak_mib:,.0f} MiB resident (the corpus is memory-mapped, read batch by batch)")
     if trainer.strategy.root_device.type == "cuda":

@@ -74,6 +74,14 @@ def test_short_run_learns_and_reports(capsys):
     assert 3.5 < result["unigram_entropy"] < 6  # source code: far from uniform over 256 bytes
 
 
+def test_overlapping_windows_and_burn_in(capsys):
+    result = run("--max-steps=12", "--val-every=1", "--stride=8", "--burn-in=4")
+    out = capsys.readouterr().out
+    assert "TBPTT segments of 16 characters, a window every 8" in out
+    assert result["global_step"] == 12
+    assert result["after"] < result["before"]
+
+
 class Interrupted(Exception):
     pass
 
