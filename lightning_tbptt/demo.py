@@ -198,6 +198,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # `LaneDataModule` resumes its stream itself, at the batch the callback restores (Lightning cannot know)
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.* is deprecated")  # Lightning on newer torch
+    if resume is not None:  # resuming writes on into the directory of the checkpoint
+        warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
