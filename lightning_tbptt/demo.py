@@ -41,28 +41,31 @@ from lightning_tbptt import LaneDataModule, TBPTTCallback
 VOCAB = 256  # the corpus is read as bytes
 
 
-def stdlib_sources(num_chars: int) -> tuple[bytes, int, Path]:
+def stdlib_sources(num_chars: int) -> tuple[np.ndarray, int, Path]:
     """The first ``num_chars`` bytes of the standard library's ``.py`` files (tests left out), in sorted path order.
 
-    Returns the corpus, the number of files read and the standard library's folder.
+    Returns the corpus (``uint8``), the number of files read and the standard library's folder.
     """
     root = Path(sysconfig.get_paths()["stdlib"])
-    parts, total = [], 0
+    paths, available = [], 0
     for path in sorted(root.rglob("*.py")):
-        if {"site-packages", "test", "tests"} & set(path.relative_to(root).parts):
-            continue
-        data = path.read_bytes()
-        parts.append(data)
-        total += len(data)
-        if total >= num_chars:
+        if available >= num_chars:
             break
-    corpus = b"".join(parts)[:num_chars]
-    if len(corpus) < num_chars:
+        if not {"site-packages", "test", "tests"} & set(path.relative_to(root).parts):
+            paths.append(path)
+            available += path.stat().st_size
+    if available < num_chars:
         raise SystemExit(
-            f"error: argument --chars: the standard library at {root} holds {len(corpus):,} characters of source,"
+            f"error: argument --chars: the standard library at {root} holds {available:,} characters of source,"
             f" fewer than --chars {num_chars:,}; pass a smaller --chars"
         )
-    return corpus, len(parts), root
+    corpus = np.empty(num_chars, dtype=np.uint8)
+    filled = 0
+    for path in paths:
+        data = np.frombuffer(path.read_bytes(), dtype=np.uint8)[: num_chars - filled]
+        corpus[filled : filled + len(data)] = data
+        filled += len(data)
+    return corpus[:filled], len(paths), root
 
 
 def unigram_entropy(corpus: np.ndarray) -> float:
@@ -95,45 +98,110 @@ class CharLM(pl.LightningModule):
         return bpc
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Logs the held-out bits per character (weighted by the characters of each segment)."""
-        self.log("val_bpc", self.bits_per_char(batch), prog_bar=True)
+        """Logs the held-out bits per character (weighted by the characters of each segment), over all processes."""
+        self.log("val_bpc", self.bits_per_char(batch), prog_bar=True, sync_dist=True)  # every process's lanes
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam."""
         return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
 
 
-class StepsProgressBar(pl.callbacks.TQDMProgressBar):
-    """Lightning's bar, sized to the batches a ``max_steps`` run trains: ``steps_per_batch`` optimizer steps each.
+def steps_in_batch(length: int, segment_length: int, stride: int | None, burn_in: int) -> int:
+    """The optimizer steps ``TBPTTCallback`` takes in a batch of ``length`` steps.
 
-    Lightning's own bar assumes one optimizer step per batch when it sizes a run given in steps. With a burn-in, the
-    first batch of an epoch steps less often: one batch more is allowed for.
+    A burn-in prefix of ``burn_in`` steps takes none; then windows of ``segment_length`` steps start every ``stride``
+    steps (every ``segment_length`` without a stride) until one reaches the end of the batch.
+    """
+    stride = stride or segment_length
+    return 1 + max(0, -(-(length - burn_in - segment_length) // stride))
+
+
+class StepsProgressBar(pl.callbacks.TQDMProgressBar):
+    """Lightning's TQDM bar, sized to the batches a run of ``max_steps`` optimizer steps trains.
+
+    Lightning's own bar assumes one optimizer step per batch when it sizes a run given in steps; here a batch of
+    ``batch_steps`` steps takes :func:`steps_in_batch` steps (fewer in the first batch of an epoch, the one with the
+    burn-in).
     """
 
-    def __init__(self, steps_per_batch: int, burn_in: bool, refresh_rate: int) -> None:
-        super().__init__(refresh_rate=refresh_rate)
-        self.steps_per_batch = steps_per_batch
-        self.burn_in = burn_in
+    def __init__(self, batch_steps: int, segment_length: int, stride: int | None, burn_in: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.every = steps_in_batch(batch_steps, segment_length, stride, 0)
+        self.first = steps_in_batch(batch_steps, segment_length, stride, burn_in)
 
     @property
     def total_train_batches(self) -> int | float:
-        """The batches of this epoch the run trains."""
+        """The batches of this epoch that the run trains (read by Lightning as an epoch starts)."""
+        return self._planned(done=0)
+
+    def _planned(self, done: int) -> int:
+        """The batches of this epoch that the run trains, ``done`` of them already."""
         trainer = self.trainer
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        remaining = -(-(trainer.max_steps - trainer.global_step) // self.steps_per_batch)
-        return min(trainer.num_training_batches, done + remaining + int(self.burn_in and done == 0))
+        remaining, batches = trainer.max_steps - trainer.global_step, done
+        while remaining > 0 and batches < trainer.num_training_batches:
+            remaining -= self.first if batches == 0 else self.every
+            batches += 1
+        return batches
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        """Size the bar of a fit resumed in the middle of an epoch (Lightning skips its epoch start there)."""
+        super().on_train_batch_start(trainer, pl_module, batch, idx)
+        bar = self.train_progress_bar
+        if bar.total is None:
+            bar.reset(total=self._planned(done=idx))
+            bar.n = bar.initial = idx
+            bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
-class ValidationHistory(pl.Callback):
-    """Records the held-out bits per character after every validation run of the fit."""
+class History(pl.Callback):
+    """The held-out bits per character of every validation, and the characters read for training before it.
+
+    Saved in checkpoints (Lightning calls ``state_dict``/``load_state_dict``), so a resumed run reports the whole run.
+    """
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, float]] = []
+        self.before: float | None = None
+        self.rows: list[tuple[int, int, float]] = []
+        self.characters = 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Count the characters of the batch, over all processes."""
+        self.characters += int(args[1]["input"].numel()) * trainer.world_size
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Records the epoch-level ``val_bpc`` of a validation run inside the fit."""
+        """Record the epoch-level ``val_bpc`` of a validation run inside the fit."""
         if trainer.state.fn == "fit" and not trainer.sanity_checking and "val_bpc" in trainer.callback_metrics:
-            self.rows.append((trainer.global_step, trainer.callback_metrics["val_bpc"].item()))
+            self.rows.append((trainer.global_step, self.characters, trainer.callback_metrics["val_bpc"].item()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the history."""
+        return {"before": self.before, "rows": self.rows, "characters": self.characters}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the history of the run being resumed."""
+        self.before = state_dict["before"]
+        self.rows = [(int(step), int(characters), float(bpc)) for step, characters, bpc in state_dict["rows"]]
+        self.characters = state_dict["characters"]
+
+
+class SaveLast(pl.Callback):
+    """Saves ``last.ckpt`` in ``dirpath`` after every validation and after the run's last batch.
+
+    Both are saved between two batches, so resuming from them continues exactly where they were saved.
+    """
+
+    def __init__(self, dirpath: Path) -> None:
+        self.path = dirpath / "last.ckpt"
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save after a validation inside the fit."""
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Save after the run's last batch."""
+        if trainer.global_step >= trainer.max_steps:
+            trainer.save_checkpoint(self.path)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,7 +225,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate; default: 0.003")
     model.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto (Lightning's); default: auto")
     model.add_argument("--devices", default="1", help="Lightning's `devices`; default: 1")
-    model.add_argument("--precision", default="32-true", help="Lightning's `precision`, e.g. bf16-mixed")
+    model.add_argument(
+        "--precision", default="32-true", help="Lightning's `precision`; 16-mixed or bf16-mixed on a GPU"
+    )
     model.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     model.add_argument("--seed", type=int, default=0)
     checkpoints = parser.add_argument_group("checkpoints")
@@ -172,10 +242,39 @@ def _check(args: argparse.Namespace) -> str | None:
         if getattr(args, name) < 1:
             flag = "--" + name.replace("_", "-")
             raise SystemExit(f"error: argument {flag}: expected a positive integer, got {getattr(args, name)}")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"error: argument --threads: expected a positive integer, got {args.threads}")
+    if not args.lr > 0:
+        raise SystemExit(f"error: argument --lr: expected a positive learning rate, got {args.lr}")
+    if args.stride is not None and not 1 <= args.stride <= args.segment_length:
+        raise SystemExit(
+            f"error: argument --stride: expected 1 to --segment-length ({args.segment_length}), got {args.stride}"
+        )
+    if not 0 <= args.burn_in < args.batch_steps:
+        raise SystemExit(
+            f"error: argument --burn-in: expected 0 to --batch-steps - 1 ({args.batch_steps - 1}), got {args.burn_in}"
+        )
     if args.held_out * 10 > args.chars:
         raise SystemExit(
             f"error: argument --held-out: expected at most a tenth of --chars ({args.chars // 10:,}), got"
             f" {args.held_out:,}; pass a smaller --held-out"
+        )
+    # every lane holds at least one batch (a part of n characters gives n - 1 input/target pairs)
+    for part, name, flag, lanes, lanes_flag in [
+        (args.chars - args.held_out, "training", "--chars", args.lanes, "--lanes"),
+        (args.held_out, "held-out", "--held-out", args.eval_lanes, "--eval-lanes"),
+    ]:
+        if (part - 1) // lanes < args.batch_steps:
+            raise SystemExit(
+                f"error: argument --batch-steps: expected at most the {name} characters per lane"
+                f" ({(part - 1) // lanes:,} with {lanes_flag} {lanes}), got {args.batch_steps}; pass a smaller"
+                f" --batch-steps, fewer {lanes_flag} or a larger {flag}"
+            )
+    devices = _devices(args.devices)
+    if isinstance(devices, int) and devices > 1 and (args.lanes % devices or args.eval_lanes % devices):
+        raise SystemExit(
+            f"error: argument --devices: expected a number that divides --lanes ({args.lanes}) and --eval-lanes"
+            f" ({args.eval_lanes}), got {devices}; every process streams its own lanes"
         )
     if args.resume is None:
         return None
@@ -198,21 +297,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # `LaneDataModule` resumes its stream itself, at the batch the callback restores (Lightning cannot know)
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.* is deprecated")  # Lightning on newer torch
-    if resume is not None:  # resuming writes on into the directory of the checkpoint
-        warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, verbose=False)
     started = time.perf_counter()
 
-    raw, num_files, root = stdlib_sources(args.chars)
-    corpus = np.frombuffer(raw, dtype=np.uint8)
-    split = len(corpus) - args.held_out
-    entropy = unigram_entropy(corpus)
     folder = tempfile.TemporaryDirectory(prefix="lightning-tbptt-demo-")
     train_path, val_path = Path(folder.name) / "train.npy", Path(folder.name) / "val.npy"
-    np.save(train_path, corpus[:split])  # read back as memory maps, slice by slice
+    corpus, num_files, root = stdlib_sources(args.chars)
+    entropy = unigram_entropy(corpus)
+    split = len(corpus) - args.held_out
+    np.save(train_path, corpus[:split])  # read back as memory maps, a batch at a time
     np.save(val_path, corpus[split:])
+    del corpus
     data = LaneDataModule(
         str(train_path),
         str(val_path),
@@ -222,39 +319,44 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         target_shift=1,
     )
     model = CharLM(args.embedding_size, args.hidden_size, args.lr)
-    callback = TBPTTCallback(
+    tbptt = TBPTTCallback(
         segment_length=args.segment_length, streaming=True, resets="starts", stride=args.stride, burn_in=args.burn_in
     )
-    history = ValidationHistory()
-    callbacks: list[pl.Callback] = [callback, history]
+    history = History()
+    bar = StepsProgressBar(
+        args.batch_steps,
+        args.segment_length,
+        args.stride,
+        args.burn_in,
+        refresh_rate=1 if sys.stdout.isatty() else 8,  # fewer lines in a log file
+    )
+    callbacks: list[pl.Callback] = [tbptt, history, bar]
     if args.checkpoint_dir is not None:
-        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=args.checkpoint_dir, save_last=True))
-    steps_per_batch = -(-args.batch_steps // (args.stride or args.segment_length))
-    callbacks.append(StepsProgressBar(steps_per_batch, args.burn_in > 0, refresh_rate=1 if sys.stdout.isatty() else 8))
+        callbacks.append(SaveLast(args.checkpoint_dir))
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         max_epochs=-1,
         val_check_interval=args.val_every,
         check_val_every_n_epoch=None,
         accelerator=args.accelerator,
-        devices=int(args.devices) if args.devices.isdigit() else args.devices,
+        devices=_devices(args.devices),
         precision=args.precision,
         callbacks=callbacks,
         gradient_clip_val=1.0,
         logger=False,
-        enable_checkpointing=args.checkpoint_dir is not None,
+        enable_checkpointing=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
     say = trainer.print
     say(
-        f"corpus: {len(corpus):,} characters of source from {num_files} files of the Python"
+        f"corpus: {split + args.held_out:,} characters of source from {num_files} files of the Python"
         f" {sys.version_info.major}.{sys.version_info.minor} standard library ({root})"
     )
     say(
         f"training: {split:,} characters as {args.lanes} lanes of {split // args.lanes:,}, {args.batch_steps} per"
-        f" batch; held out: {args.held_out:,} characters as {args.eval_lanes} lanes"
+        f" batch; held out (the end of the corpus): {args.held_out:,} characters as {args.eval_lanes} lanes"
     )
     window = f", a window every {args.stride}" if args.stride else ""
     say(
@@ -262,59 +364,61 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f" segments of {args.segment_length} characters{window}, state carried across batches"
     )
 
-    before = None
     if resume is None:
-        before = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
-        say(f"held-out bits per character before training: {before:.3f}")
+        history.before = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
+        say(f"held-out bits per character before training: {history.before:.3f}")
     trainer.fit(model, datamodule=data, ckpt_path=resume)
     rows = list(history.rows)
     if not rows or rows[-1][0] != trainer.global_step:
-        rows.append((trainer.global_step, trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]))
-    after = rows[-1][1]
+        final = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
+        rows.append((trainer.global_step, history.characters, final))
     seconds = time.perf_counter() - started
     peak_mib = _peak_rss_mib()
+    folder.cleanup()
 
-    chars_per_step = args.lanes * (args.stride or args.segment_length)
+    before, after = history.before, rows[-1][2]
     say("\nheld-out bits per character:")
-    say(f"  {'optimizer step':>14}  {'characters trained':>18}  {'bits/char':>9}")
+    say(f"  {'optimizer step':>14}  {'characters read':>15}  {'bits/char':>9}")
     if before is not None:
-        say(f"  {0:>14}  {0:>18,}  {before:>9.3f}")
-    for step, bpc in rows:
-        say(f"  {step:>14}  {step * chars_per_step:>18,}  {bpc:>9.3f}")
+        say(f"  {0:>14}  {0:>15,}  {before:>9.3f}")
+    for step, characters, bpc in rows:
+        say(f"  {step:>14}  {characters:>15,}  {bpc:>9.3f}")
     say(f"unigram entropy of the corpus: {entropy:.3f} bits per character")
-    first = before if before is not None else rows[0][1]
-    improved = after < first
-    below = after < entropy
+    first = before if before is not None else rows[0][2]
+    below = (
+        f" below the unigram entropy {entropy:.3f} by {entropy - after:.3f}"
+        if after < entropy
+        else f" NOT below the unigram entropy {entropy:.3f}"
+    )
     say(
         f"result: held-out {after:.3f} bits per character after {trainer.global_step} steps"
-        f" ({'improved from' if improved else 'NOT improved from'} {first:.3f});"
-        + (
-            f" below the unigram entropy {entropy:.3f} by {entropy - after:.3f}"
-            if below
-            else f" NOT below the unigram entropy {entropy:.3f}"
-        )
+        f" ({'improved from' if after < first else 'NOT improved from'} {first:.3f});{below}"
     )
-    say(f"peak memory: {peak_mib:,.0f} MiB resident (the corpus is memory-mapped, read batch by batch)")
+    say(f"peak memory: {peak_mib:,.0f} MiB resident (the corpus is memory-mapped and read a batch at a time)")
     if trainer.strategy.root_device.type == "cuda":
         cuda_mib = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20
         say(f"peak GPU memory: {cuda_mib:,.0f} MiB allocated (one segment of a batch on the device at a time)")
     say(f"time: {seconds:.0f} s")
     if args.checkpoint_dir is not None:
         say(
-            f"checkpoint: {args.checkpoint_dir / 'last.ckpt'}, saved at every validation. After an interruption,"
-            " --resume last continues exactly where that validation left off; after a completed run Lightning counts"
-            " the epoch as finished, and a larger --max-steps continues from the start of the corpus (a new epoch)."
+            f"checkpoint: {args.checkpoint_dir / 'last.ckpt'} (step {trainer.global_step}); go on with --resume last"
+            " and a larger --max-steps"
         )
-    folder.cleanup()
     return {
         "before": before,
         "history": rows,
         "after": after,
         "unigram_entropy": entropy,
         "global_step": trainer.global_step,
+        "batches": bar.train_progress_bar.n if bar.train_progress_bar is not None else None,
+        "planned_batches": bar.train_progress_bar.total if bar.train_progress_bar is not None else None,
         "peak_mib": peak_mib,
         "seconds": seconds,
     }
+
+
+def _devices(value: str) -> int | str:
+    return int(value) if value.isdigit() else value
 
 
 def _peak_rss_mib() -> float:

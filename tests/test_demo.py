@@ -1,6 +1,7 @@
 """The main job, `lightning-tbptt demo`: its command line, a short run, exact resume after an interruption."""
 
 import ast
+import itertools
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import lightning_tbptt
-from lightning_tbptt import demo
+from lightning_tbptt import demo, plan
 from lightning_tbptt.__main__ import build_parser, main
 
 # a small corpus, lanes and model: a run of a few seconds
@@ -64,21 +65,49 @@ def test_short_run_learns_and_reports(capsys):
     out = capsys.readouterr().out
     # 64 steps per batch / 16 per segment: 4 optimizer steps per batch, a validation every 2 batches
     assert result["global_step"] == 24
-    assert [step for step, _ in result["history"]] == [8, 16, 24]
+    assert [(step, characters) for step, characters, _ in result["history"]] == [(8, 512), (16, 1024), (24, 1536)]
+    assert result["planned_batches"] == result["batches"] == 6
     assert result["before"] > 7.5  # about log2(256) = 8 bits: an untrained model
-    assert result["after"] < result["history"][0][1] < result["before"]
+    assert result["after"] < result["history"][0][2] < result["before"]
     assert "unigram entropy of the corpus" in out
-    assert f"held-out {result['after']:.3f} bits per character after 24 steps" in out
+    assert f"held-out {result['after']:.3f} bits per character after 24 steps (improved from" in out
     assert "peak memory:" in out
-    assert 0 < result["peak_mib"] < 4096
+    assert 100 < result["peak_mib"] < 4096  # MiB: torch and Lightning alone take more than 100
     assert 3.5 < result["unigram_entropy"] < 6  # source code: far from uniform over 256 bytes
+
+
+def test_state_is_carried_from_segment_to_segment_and_batch_to_batch(monkeypatch):
+    seen = []
+
+    def record_states(self):
+        def hook(module, args, kwargs, output):
+            if self.training:
+                hx = kwargs.get("hx", args[1] if len(args) > 1 else None)
+                seen.append((self.trainer.global_step, hx is not None and bool(hx[0].abs().sum() > 0)))
+
+        self.lstm.register_forward_hook(hook, with_kwargs=True)
+
+    monkeypatch.setattr(demo.CharLM, "on_fit_start", record_states, raising=False)
+    run("--max-steps=12", "--val-every=3")
+    # one LSTM call per segment, 4 segments per batch: every call but the very first starts from a carried state
+    assert seen == [(step, step > 0) for step in range(12)]
+
+
+def test_steps_in_batch_counts_the_planned_windows():
+    for length, segment_length, stride, burn_in in itertools.product([64, 100, 128], [16, 30], [None, 8, 16], [0, 5]):
+        windows = plan.windows(length, segment_length, stride, burn_in)
+        trained = sum(not window.burn_in for window in windows)
+        assert demo.steps_in_batch(length, segment_length, stride, burn_in) == trained
 
 
 def test_overlapping_windows_and_burn_in(capsys):
     result = run("--max-steps=12", "--val-every=1", "--stride=8", "--burn-in=4")
     out = capsys.readouterr().out
     assert "TBPTT segments of 16 characters, a window every 8" in out
+    # 7 windows per batch of 64 steps (also after a burn-in of 4): 12 steps take 2 batches
     assert result["global_step"] == 12
+    assert result["planned_batches"] == result["batches"] == 2
+    assert [step for step, _, _ in result["history"]] == [7, 12]
     assert result["after"] < result["before"]
 
 
@@ -86,11 +115,12 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_after_an_interruption_continues_exactly(tmp_path, monkeypatch):
+def test_resume_continues_exactly(tmp_path, monkeypatch):
     torch.manual_seed(0)
     whole = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'whole'}")
     trained = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=False)["state_dict"]
 
+    # an interrupted run resumes from the checkpoint of its last validation
     step = demo.CharLM.training_step
 
     def crash_after_18(self, batch, batch_idx):
@@ -105,22 +135,45 @@ def test_resume_after_an_interruption_continues_exactly(tmp_path, monkeypatch):
     assert saved["global_step"] == 16  # the last validation before the interruption (mid-epoch)
     monkeypatch.setattr(demo.CharLM, "training_step", step)
     resumed = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'cut'}", "--resume=last")
-    assert resumed["before"] is None
-    assert resumed["global_step"] == 24
-    assert resumed["history"] == [(24, whole["after"])]
+    assert resumed["history"] == whole["history"]  # the history travels in the checkpoint
+    assert resumed["before"] == whole["before"]
+    assert resumed["planned_batches"] == resumed["batches"] == 6  # the bar, resumed at batch 4 of 6
     again = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=False)["state_dict"]
     for name, value in trained.items():
         assert torch.equal(again[name], value), name
+
+    # a completed run goes on from its last batch when resumed with a larger --max-steps
+    run("--max-steps=12", "--val-every=2", f"--checkpoint-dir={tmp_path / 'short'}")
+    assert torch.load(tmp_path / "short" / "last.ckpt", weights_only=False)["global_step"] == 12
+    longer = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'short'}", "--resume=last")
+    assert longer["global_step"] == 24
+    assert longer["after"] == whole["after"]
+    continued = torch.load(tmp_path / "short" / "last.ckpt", weights_only=False)["state_dict"]
+    for name, value in trained.items():
+        assert torch.equal(continued[name], value), name
 
 
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--max-steps=0"], "argument --max-steps: expected a positive integer, got 0"),
+        (["--threads=0"], "argument --threads: expected a positive integer, got 0"),
+        (["--lr=-1"], "argument --lr: expected a positive learning rate, got -1"),
+        (["--stride=17"], r"argument --stride: expected 1 to --segment-length \(16\), got 17"),
+        (["--burn-in=64"], r"argument --burn-in: expected 0 to --batch-steps - 1 \(63\), got 64"),
         (["--held-out=50000"], "argument --held-out: expected at most a tenth of --chars"),
+        (
+            ["--batch-steps=4096"],
+            r"argument --batch-steps: .* held-out characters per lane \(1,999 with --eval-lanes 4\)",
+        ),
+        (
+            ["--lanes=64", "--batch-steps=4000"],
+            r"argument --batch-steps: .* training characters per lane \(2,999 with --lanes 64\)",
+        ),
+        (["--devices=3"], r"argument --devices: expected a number that divides --lanes \(4\)"),
         (["--resume=last"], "argument --resume: `last` needs --checkpoint-dir"),
         (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
-        (["--chars=1000000000000"], "argument --chars: the standard library at .* holds"),
+        (["--chars=1000000000000", "--held-out=1000"], "argument --chars: the standard library at .* holds"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_and_value(flags, message):
