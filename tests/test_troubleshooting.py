@@ -10,9 +10,11 @@ can wrap.
 A field is fixed text where the source fixes it, so that a message written once for several arguments needs an entry
 for each of them: a parameter of the enclosing function takes the constant each call passes (e.g. ``"lanes"`` in
 ``_check_int(lanes, "lanes", 1, ...)``, one message per call), a loop over constants takes each of them, and a local
-variable computed from those takes its value. Where such a field is a name (an argument or a flag), the entry may
-instead quote the message for another name and list this one right after the quote: ````...but got 0.`` (also
-`steps`, `eval_lanes`)````. A field stands for text inside the quote, never across the end of one.
+variable or module-level constant computed from those takes its value; an ``if`` those values decide is followed one
+way only (a call passing a valid default builds no message), and every message is checked with its fields unresolved
+too. Where such a field is a name (an argument or a flag), the entry may instead quote the message for another name
+and list this one right after the closing of the quote, as in ``(also `steps`, `eval_lanes`)``. A field stands for
+text inside one quote, never across its end.
 """
 
 import ast
@@ -40,7 +42,8 @@ ALSO = r"(?:(?!``).){0,300}?``\s*\(also\b[^)]*?`"  # the rest of the quote, then
 NAME = re.compile(r"-{0,2}[A-Za-z_][\w-]*")  # a resolved value that is a name: an argument or a flag
 UNKNOWN = object()
 SAFE_BUILTINS = {
-    name: getattr(builtins, name) for name in ("bool", "int", "isinstance", "len", "list", "repr", "sorted", "str", "tuple")
+    name: getattr(builtins, name)
+    for name in ("bool", "int", "isinstance", "len", "list", "repr", "sorted", "str", "tuple")
 }
 CONSTANTS: dict[str, Any] = {}  # the package's module-level constants, filled in below
 
@@ -240,16 +243,18 @@ class Definitions:
         if same_module and sum(m == module for m, _, _ in definitions) > 1:
             return [{}]  # several definitions of that name in one module: the calls cannot be told apart
         arguments = function.args
-        positional = [a.arg for a in [*arguments.posonlyargs, *arguments.args]][1 if method else 0 :]
-        defaults = dict(zip([a.arg for a in [*arguments.posonlyargs, *arguments.args]][::-1], arguments.defaults[::-1]))
-        defaults |= {a.arg: d for a, d in zip(arguments.kwonlyargs, arguments.kw_defaults) if d is not None}
+        every = [a.arg for a in [*arguments.posonlyargs, *arguments.args]]
+        positional = every[1 if method else 0 :]
+        defaults = dict(zip(every[len(every) - len(arguments.defaults) :], arguments.defaults, strict=True))
+        keywords = zip(arguments.kwonlyargs, arguments.kw_defaults, strict=True)
+        defaults |= {a.arg: d for a, d in keywords if d is not None}
         envs = []
         for calling_module, call in self.calls.get(called, []):
             if same_module and calling_module != module:
                 continue
             env: dict[str, Any] = {}
             given = set()
-            for name, value in zip(positional, call.args):
+            for name, value in zip(positional, call.args, strict=False):  # a call may give fewer
                 if isinstance(value, ast.Starred):
                     given = set(positional) | set(defaults)
                     break
@@ -383,7 +388,7 @@ def test_the_messages_are_found():
     assert all(message.pattern.strip() for message in MESSAGES)
     ids = {message.id for message in MESSAGES}
     # a message written once for several arguments counts once per argument, from the calls of its function
-    assert {"callback.py:43 (segment_length)", "callback.py:43 (stride)", "callback.py:43 (truncated_bptt_steps)"} <= ids
+    assert {f"callback.py:43 ({name})" for name in ("segment_length", "stride", "truncated_bptt_steps")} <= ids
     assert {"data.py:301 (lanes)", "data.py:301 (target_shift)", "data.py:301 (num_workers)"} <= ids
     assert "lengths.py:67 (resets)" in ids
     # and once per flag of a loop over flags
