@@ -14,7 +14,12 @@ Example:
 
 
 class TBPTTError(Exception):
-    """Base class of every error raised by ``lightning_tbptt``."""
+    """Base class of the errors ``lightning_tbptt`` checks for.
+
+    Three exceptions are not: a ``TypeError`` of the namespace helpers for an object that is not a Lightning class, the
+    ``IndexError`` of :meth:`LaneStream.batch <lightning_tbptt.LaneStream.batch>` for an index out of range, and the
+    ``SystemExit`` of the ``lightning-tbptt demo`` command for a bad flag (see the troubleshooting page).
+    """
 
 
 class ConfigurationError(TBPTTError, ValueError):
