@@ -13,6 +13,7 @@ The data files are written by this (driver) process before the measured processe
 counts. Prints a table, the ratios the targets are about, and with ``--plot`` writes a PNG (needs matplotlib).
 
     python benchmarks/memory.py --plot docs/images/memory.png
+    python benchmarks/memory.py --lengths 100000 --full-lengths --workers 2   # main process only
 """
 
 import argparse
@@ -117,7 +118,9 @@ def probe(mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
     if streamed:
         waves = np.load(path, mmap_mode="r")  # read batch by batch from the memory map: lane j is wave j
         sequences = [waves[lane] for lane in range(waves.shape[0])]
-        data = LaneDataModule(sequences, sequences, lanes=len(sequences), steps=args.batch_steps, target_shift=1)
+        data = LaneDataModule(
+            sequences, sequences, lanes=len(sequences), steps=args.batch_steps, target_shift=1, num_workers=args.workers
+        )
     else:
         loader = whole_batch_loader(path)
     model = next_value_class()(args.hidden_size)
@@ -189,6 +192,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--segment-length", type=int, default=100)
     parser.add_argument("--batch-steps", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=0, help="LaneDataModule workers of the streamed runs")
     parser.add_argument("--plot", type=Path, default=None, help="write the plot to this PNG file")
     parser.add_argument("--probe", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -196,6 +200,7 @@ def main() -> None:
         f"--hidden-size={args.hidden_size}",
         f"--segment-length={args.segment_length}",
         f"--batch-steps={args.batch_steps}",
+        f"--workers={args.workers}",
     ]
     if args.probe:
         mode, path = args.probe
