@@ -13,6 +13,7 @@ The data files are written by this (driver) process before the measured processe
 counts. Prints a table, the ratios the targets are about, and with ``--plot`` writes a PNG (needs matplotlib).
 
     python benchmarks/memory.py --plot docs/images/memory.png
+    python benchmarks/memory.py --lengths 100000 --full-lengths --workers 2   # main process only
 """
 
 import argparse
@@ -49,23 +50,20 @@ def write_waves(path: Path, lanes: int, length: int) -> None:
     del waves
 
 
-def probe(mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Run one measurement in this process and return its peak RSS (MiB) and seconds."""
+def next_value_class() -> type:
+    """The model every memory benchmark trains: an LSTM and a linear head predicting the next value of a wave.
+
+    Defined in a function so that the driver process never imports torch or Lightning.
+    """
     import pytorch_lightning as pl
     import torch
     import torch.nn.functional as F
 
-    from lightning_tbptt import LaneDataModule, TBPTTCallback
-
-    warnings.filterwarnings("ignore")
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-
     class NextValue(pl.LightningModule):
-        def __init__(self) -> None:
+        def __init__(self, hidden_size: int) -> None:
             super().__init__()
-            self.lstm = torch.nn.LSTM(1, args.hidden_size, batch_first=True)
-            self.head = torch.nn.Linear(args.hidden_size, 1)
+            self.lstm = torch.nn.LSTM(1, hidden_size, batch_first=True)
+            self.head = torch.nn.Linear(hidden_size, 1)
 
         def loss(self, batch: Any) -> torch.Tensor:
             out, _ = self.lstm(batch["input"].unsqueeze(-1))
@@ -80,9 +78,18 @@ def probe(mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.SGD(self.parameters(), lr=0.01)
 
-    streamed = mode.startswith("stream")
-    callbacks = [TBPTTCallback(args.segment_length, streaming=True, resets="starts")] if streamed else []
-    trainer = pl.Trainer(
+    return NextValue
+
+
+def quiet_trainer(callbacks: list[Any]) -> Any:
+    """One epoch, one torch thread, no logger, checkpoints, progress bar, summary or sanity check."""
+    import pytorch_lightning as pl
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    return pl.Trainer(
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,
@@ -91,15 +98,32 @@ def probe(mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
         num_sanity_val_steps=0,
         callbacks=callbacks,
     )
+
+
+def whole_batch_loader(path: Path) -> Any:
+    """A loader of one batch holding the whole waves of ``path`` (input and next-value target)."""
+    import torch
+
+    waves = torch.from_numpy(np.load(path))
+    return torch.utils.data.DataLoader([{"input": waves[:, :-1], "target": waves[:, 1:]}], batch_size=None)
+
+
+def probe(mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Run one measurement in this process and return its peak RSS (MiB) and seconds."""
+    from lightning_tbptt import LaneDataModule, TBPTTCallback
+
+    streamed = mode.startswith("stream")
+    callbacks = [TBPTTCallback(args.segment_length, streaming=True, resets="starts")] if streamed else []
+    trainer = quiet_trainer(callbacks)
     if streamed:
         waves = np.load(path, mmap_mode="r")  # read batch by batch from the memory map: lane j is wave j
         sequences = [waves[lane] for lane in range(waves.shape[0])]
-        data = LaneDataModule(sequences, sequences, lanes=len(sequences), steps=args.batch_steps, target_shift=1)
+        data = LaneDataModule(
+            sequences, sequences, lanes=len(sequences), steps=args.batch_steps, target_shift=1, num_workers=args.workers
+        )
     else:
-        waves = torch.from_numpy(np.load(path))
-        batch = {"input": waves[:, :-1], "target": waves[:, 1:]}
-        loader = torch.utils.data.DataLoader([batch], batch_size=None)
-    model = NextValue()
+        loader = whole_batch_loader(path)
+    model = next_value_class()(args.hidden_size)
     start = time.perf_counter()
     if mode == "stream-train":
         trainer.fit(model, datamodule=data)
@@ -123,13 +147,19 @@ def peak_mib() -> float:
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
 
 
-def measure(mode: str, path: Path, args: argparse.Namespace) -> dict[str, float]:
-    command = [sys.executable, __file__, "--probe", mode, str(path), *args.forward]
+def measure(mode: str, path: Path, args: argparse.Namespace, script: str = __file__) -> dict[str, float]:
+    """Run ``script --probe mode path`` in a fresh process and return the JSON its last line prints."""
+    command = [sys.executable, script, "--probe", mode, str(path), *args.forward]
     result = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def plot(rows: list[tuple[str, int, dict[str, float]]], path: Path) -> None:
+def plot(
+    rows: list[tuple[str, int, dict[str, float]]],
+    path: Path,
+    labels: dict[str, str] = MODES,
+    title: str = "Peak memory against sequence length",
+) -> None:
     try:
         import matplotlib
 
@@ -138,7 +168,7 @@ def plot(rows: list[tuple[str, int, dict[str, float]]], path: Path) -> None:
     except ImportError:
         raise SystemExit("--plot needs matplotlib: pip install 'lightning-tbptt[bench]'") from None
     figure, axes = plt.subplots(figsize=(6.4, 4.0))
-    for mode, label in MODES.items():
+    for mode, label in labels.items():
         points = [(length, result["peak_mib"]) for m, length, result in rows if m == mode]
         if points:
             lengths, peaks = zip(*points, strict=True)
@@ -146,7 +176,7 @@ def plot(rows: list[tuple[str, int, dict[str, float]]], path: Path) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("time steps per lane (T)")
     axes.set_ylabel("peak resident memory (MiB)")
-    axes.set_title("Peak memory against sequence length")
+    axes.set_title(title)
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
@@ -162,6 +192,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--segment-length", type=int, default=100)
     parser.add_argument("--batch-steps", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=0, help="LaneDataModule workers of the streamed runs")
     parser.add_argument("--plot", type=Path, default=None, help="write the plot to this PNG file")
     parser.add_argument("--probe", nargs=2, metavar=("MODE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,6 +200,7 @@ def main() -> None:
         f"--hidden-size={args.hidden_size}",
         f"--segment-length={args.segment_length}",
         f"--batch-steps={args.batch_steps}",
+        f"--workers={args.workers}",
     ]
     if args.probe:
         mode, path = args.probe

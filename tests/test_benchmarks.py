@@ -1,5 +1,6 @@
 """The benchmark scripts keep working (tiny sizes; the numbers themselves are measured by running the scripts)."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,3 +61,29 @@ def test_memory_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
         assert length == 300 and peak > 0 and seconds >= 0
     assert any(line.startswith("full BPTT / callback training at T=300:") for line in lines)
     assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_seed_style_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    plot = tmp_path / "seed_style.png"
+    lines = run_script("seed_style.py", "--quick", "--plot", str(plot))
+    for label in ("seed ex. 1 (no detach)", "seed ex. 2/3 (detach)", "callback", "callback, step_per=batch"):
+        (row,) = [line for line in lines if line.startswith(f"{label} ") and line[len(label) :].split()[0] == "300"]
+        length, peak, seconds = (float(v) for v in row[len(label) :].split())
+        assert length == 300 and peak > 0 and seconds >= 0
+        assert any(line.startswith(f"| {label} | ") for line in lines), "the markdown table has a row per mode"
+    assert any(line.startswith("seed ex. 1 (no detach) / callback: T=300:") for line in lines)
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_packed_benchmark_runs_every_method_and_computes_the_same_losses():
+    lines = run_script("packed.py", "--quick")
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| lengths")]
+    assert len(rows) == 3 * 3, "three methods for each of three length distributions"
+    for row in rows:
+        ms, ratio = (float(v) for v in row.strip("| ").split(" | ")[-2:])
+        assert ms > 0 and ratio > 0
+    dloss = [
+        float(line.split()[-1]) for line in lines if re.fullmatch(r"\d\.\d+e[+-]\d+", line.split()[-1] if line else "")
+    ]
+    assert len(dloss) == 3 * 3 and max(dloss) < 1e-4, "padded, dropped and packed segments give the same losses"
