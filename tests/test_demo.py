@@ -2,6 +2,7 @@
 
 import ast
 import itertools
+import re
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -179,3 +180,30 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
 def test_bad_flags_are_refused_with_the_flag_and_value(flags, message):
     with pytest.raises(SystemExit, match=message):
         run(*flags)
+
+
+def test_the_demo_page_states_the_defaults_and_a_real_run():
+    page = (Path(__file__).resolve().parent.parent / "docs" / "demo.md").read_text()
+    commands = next(action for action in build_parser()._actions if action.dest == "command")
+    defaults = {
+        action.option_strings[0]: action.default
+        for action in commands.choices["demo"]._actions
+        if action.option_strings[0].startswith("--") and action.dest != "help"
+    }
+    stated = {}
+    for flags, values in re.findall(r"^\| (`--.*?) \| (.*?) \|", page, flags=re.MULTILINE):
+        names = re.findall(r"`(--[a-z-]+)`", flags)
+        values = values.split(", ")
+        assert len(names) == len(values), flags
+        stated.update(zip(names, values, strict=True))
+    assert set(stated) == set(defaults)  # every flag, in the table
+    for flag, value in stated.items():
+        expected = defaults.get(flag)
+        if expected is None:
+            assert value in ("none", "torch's choice"), flag
+        else:
+            assert value.replace(",", "") == str(expected), flag
+    result = re.search(r"result: held-out (\d\.\d+) bits per character after (\d+) steps .* entropy (\d\.\d+)", page)
+    assert result is not None  # the output of a real default run, not a placeholder
+    assert int(result[2]) == defaults["--max-steps"]
+    assert float(result[1]) < float(result[3])
