@@ -144,13 +144,19 @@ class StepsProgressBar(pl.callbacks.TQDMProgressBar):
         return batches
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
-        """Size the bar of a fit resumed in the middle of an epoch (Lightning skips its epoch start there)."""
+        """Size the bar again where the epoch did not start from its first batch (a fit resumed in the middle).
+
+        Lightning 2.5 and later skip the epoch start there, so the bar has no total; earlier releases size it as if
+        the epoch started at its first batch.
+        """
         super().on_train_batch_start(trainer, pl_module, batch, idx)
         bar = self.train_progress_bar
-        if bar.total is None:
-            bar.reset(total=self._planned(done=idx))
+        planned = self._planned(done=idx)
+        if bar.total != planned:
+            if bar.total is None:
+                bar.set_description(f"Epoch {trainer.current_epoch}")
+            bar.reset(total=planned)
             bar.n = bar.initial = idx
-            bar.set_description(f"Epoch {trainer.current_epoch}")
 
 
 class History(pl.Callback):
@@ -171,6 +177,8 @@ class History(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the epoch-level ``val_bpc`` of a validation run inside the fit."""
         if trainer.state.fn == "fit" and not trainer.sanity_checking and "val_bpc" in trainer.callback_metrics:
+            if self.rows and self.rows[-1][0] == trainer.global_step:
+                return  # Lightning before 2.5 validates again where it resumes from a validation's checkpoint
             self.rows.append((trainer.global_step, self.characters, trainer.callback_metrics["val_bpc"].item()))
 
     def state_dict(self) -> dict[str, Any]:
@@ -299,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore", ".*LeafSpec.* is deprecated")  # Lightning on newer torch
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    pl.seed_everything(args.seed, verbose=False)
+    pl.seed_everything(args.seed)
     started = time.perf_counter()
 
     folder = tempfile.TemporaryDirectory(prefix="lightning-tbptt-demo-")
