@@ -134,14 +134,14 @@ class StepsProgressBar(pl.callbacks.TQDMProgressBar):
         """The batches of this epoch that the run trains (read by Lightning as an epoch starts)."""
         return self._planned(done=0)
 
-    def _planned(self, done: int) -> int:
+    def _planned(self, done: int) -> int | float:
         """The batches of this epoch that the run trains, ``done`` of them already."""
         trainer = self.trainer
         remaining, batches = trainer.max_steps - trainer.global_step, done
-        while remaining > 0 and batches < trainer.num_training_batches:
-            remaining -= self.first if batches == 0 else self.every
-            batches += 1
-        return batches
+        if remaining > 0 and done == 0:  # the epoch's first batch, with the burn-in
+            remaining, batches = remaining - self.first, 1
+        batches += max(0, -(-remaining // self.every))
+        return min(batches, trainer.num_training_batches)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Size the bar again where the epoch did not start from its first batch (a fit resumed in the middle).
@@ -170,9 +170,11 @@ class History(pl.Callback):
         self.rows: list[tuple[int, int, float]] = []
         self.characters = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """Count the characters of the batch, over all processes."""
-        self.characters += int(args[1]["input"].numel()) * trainer.world_size
+        self.characters += int(batch["input"].numel()) * trainer.world_size
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the epoch-level ``val_bpc`` of a validation run inside the fit."""
