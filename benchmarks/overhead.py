@@ -5,7 +5,9 @@ its start to the start of the next one (so per-batch loop overhead counts); the 
 Prints the median milliseconds per segment and the ratios.
 
     python benchmarks/overhead.py                 # H=256, B=32, k=64, T=2048, 1 layer, SGD
-    python benchmarks/overhead.py --log           # with one self.log per segment in both Lightning variants
+    python benchmarks/overhead.py --log           # one self.log per segment in both Lightning variants, an in-memory
+                                                  # logger and log_every_n_steps=1 (a logger row per optimizer step)
+    python benchmarks/overhead.py --log --log-every batch   # ... with TBPTTCallback(log_every="batch"): a row per batch
     python benchmarks/overhead.py --progress-bar  # with Lightning's TQDM bar (segment i/k) in both Lightning variants
     python benchmarks/overhead.py --stride 32     # TBPTTCallback with overlapping windows (k2=64 every k1=32 steps)
 """
@@ -22,6 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -78,6 +81,28 @@ class ManualModel(PlainModel):
                 self.log("loss", loss)
 
 
+class MemoryLogger(Logger):
+    """Keeps the rows in a list: what logging costs the loop, without a file system."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.rows.append((step, metrics))
+
+
 class BatchTimer(Callback):
     """Records the time at the start of every batch and at the end of the last one."""
 
@@ -97,12 +122,17 @@ def batch_seconds(stamps: list[float]) -> list[float]:
 
 
 def fit_seconds(
-    model: pl.LightningModule, batches: list[Any], callbacks: list[Callback], progress_bar: bool = False
+    model: pl.LightningModule,
+    batches: list[Any],
+    callbacks: list[Callback],
+    progress_bar: bool = False,
+    log: bool = False,
 ) -> list[float]:
     timer = BatchTimer()
     trainer = pl.Trainer(
         max_epochs=1,
-        logger=False,
+        logger=MemoryLogger() if log else False,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=progress_bar,
         enable_model_summary=False,
@@ -143,6 +173,7 @@ def main() -> None:
     parser.add_argument("--log", action="store_true", help="self.log once per segment in the Lightning variants")
     parser.add_argument("--progress-bar", action="store_true", help="Lightning's TQDM bar in the Lightning variants")
     parser.add_argument("--stride", type=int, default=None, help="overlapping windows for TBPTTCallback (k1)")
+    parser.add_argument("--log-every", choices=["step", "batch"], default="step", help="TBPTTCallback(log_every=...)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -166,9 +197,9 @@ def main() -> None:
             return raw_seconds(fresh(), batches, args.segment_length, lr)
         if name == "manual Lightning loop":
             manual = ManualModel(fresh(), lr, args.log, args.segment_length)
-            return fit_seconds(manual, batches, [], args.progress_bar)
-        callback = TBPTTCallback(args.segment_length, stride=args.stride)
-        return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar)
+            return fit_seconds(manual, batches, [], args.progress_bar, args.log)
+        callback = TBPTTCallback(args.segment_length, stride=args.stride, log_every=args.log_every)
+        return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar, args.log)
 
     names = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"]
     runs: dict[str, list[float]] = {name: [] for name in names}
@@ -183,7 +214,8 @@ def main() -> None:
         f"LSTM H={args.hidden_size}, B={args.batch_size}, k={args.segment_length}, T={args.length}: median of "
         f"{len(runs['TBPTTCallback'])} timed batches of {segments} segments, {args.rounds} interleaved rounds, "
         f"{args.threads} threads, torch {torch.__version__}, "
-        f"pytorch-lightning {pl.__version__}, log={args.log}, progress bar={args.progress_bar}, stride={args.stride}"
+        f"pytorch-lightning {pl.__version__}, log={args.log}, log_every={args.log_every!r},"
+        f" progress bar={args.progress_bar}, stride={args.stride}"
         + ("" if args.stride is None else " (TBPTTCallback: ms per batch / segments of the plain split, see docs)")
     )
     print(f"{'method':<24}{'ms/segment':>12}{'min':>9}{'vs raw':>10}{'vs manual':>12}")

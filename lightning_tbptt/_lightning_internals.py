@@ -19,7 +19,21 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
   ``training_step`` outside the optimisation path;
 * ``Trainer._logger_connector._first_loop_iter`` — during the first batch of an epoch, Lightning clears a hook's logged
   values each time it logs (harmless when every hook runs once per batch). With several segments per batch that would
-  drop the first batch's earlier segments from epoch aggregates, so it is turned off once the first segment has run.
+  drop the first batch's earlier segments from epoch aggregates, so it is turned off once the first segment has run;
+* ``Trainer._logger_connector.log_metrics(metrics, step=None)``, ``update_train_step_metrics()`` and ``metrics`` —
+  with ``TBPTTCallback(log_every="step")`` the training rows go to the loggers after optimizer steps rather than at
+  batch end, and every row the connector sends without a step of its own is put at ``global_step`` (by setting
+  ``_TrainingEpochLoop._batches_that_stepped``, the step Lightning reads, for the duration of the call) instead of at
+  the count of batches (:class:`StepLogging`);
+* ``_TrainingEpochLoop.max_steps`` — ``Trainer(fast_dev_run=N)`` sets it to ``N``, which would stop a batch of several
+  segments after ``N`` optimizer steps; while the fit runs it is ``-1``, so the ``N`` batches that ``fast_dev_run``
+  limits the epoch to run whole (:class:`FastDevRunPatch`);
+* ``Trainer._run_stage()`` — what runs the sanity check and the training, evaluation or prediction loop; wrapped so
+  that the library's patches are removed when it raises, before Lightning calls any ``on_exception`` hook (one that
+  raises would stop the others, the library's among them) (:class:`ReleaseOnError`);
+* ``LightningModule._compiler_ctx`` — set by Lightning for a module passed to ``fit`` as ``torch.compile(module)``;
+  its ``log``/``log_dict`` are then shadowed by versions that ``torch.compile`` does not trace (a graph break), since
+  tracing them fails (:class:`EagerLogging`).
 
 Public methods of the ``Strategy`` instance, shadowed by instance attributes in the same way (:class:`StrategyPatch`):
 
@@ -43,6 +57,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from packaging.version import Version
 from torch.optim import Optimizer
 
@@ -61,7 +76,13 @@ def resume_reruns_last_batch(trainer: "pl.Trainer") -> bool:
 
 
 _REQUIRED = {
-    "epoch_loop": ("automatic_optimization", "manual_optimization", "_should_accumulate"),
+    "epoch_loop": (
+        "automatic_optimization",
+        "manual_optimization",
+        "_should_accumulate",
+        "_batches_that_stepped",
+        "max_steps",
+    ),
     "automatic_optimization": (
         "run",
         "_make_zero_grad_fn",
@@ -70,8 +91,8 @@ _REQUIRED = {
         "_optimizer_zero_grad",
     ),
     "manual_optimization": ("run",),
-    "trainer": ("_results", "_logger_connector"),
-    "logger_connector": ("_first_loop_iter",),
+    "trainer": ("_results", "_logger_connector", "_run_stage"),
+    "logger_connector": ("_first_loop_iter", "log_metrics", "update_train_step_metrics", "metrics"),
 }
 
 
@@ -121,7 +142,7 @@ class TrainingLoopPatch:
 
     """
 
-    def __init__(self, trainer: "pl.Trainer", run_batch: RunBatch) -> None:
+    def __init__(self, trainer: "pl.Trainer", run_batch: RunBatch, step_logging: "StepLogging | None" = None) -> None:
         epoch_loop = trainer.fit_loop.epoch_loop
         objects = _owners(trainer)
         for owner, names in _REQUIRED.items():
@@ -137,6 +158,7 @@ class TrainingLoopPatch:
         self._automatic = epoch_loop.automatic_optimization
         self._manual = epoch_loop.manual_optimization
         self._run_batch = run_batch
+        self._step_logging = step_logging
         self._decision: Decision | None = None
         self._patches = (
             (self._automatic, "run", self._run_automatic),
@@ -149,12 +171,16 @@ class TrainingLoopPatch:
         """Install the patches as instance attributes of the loop objects."""
         for owner, name, function in self._patches:
             setattr(owner, name, function)
+        if self._step_logging is not None:
+            self._step_logging.install()
 
     def remove(self) -> None:
         """Remove the patches; the loop objects fall back to their class methods. Safe to call more than once."""
         for owner, name, function in self._patches:
             if vars(owner).get(name) == function:
                 delattr(owner, name)
+        if self._step_logging is not None:
+            self._step_logging.remove()
         self._decision = None
 
     @property
@@ -179,12 +205,12 @@ class TrainingLoopPatch:
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
             self._decision = decision
-            self._set_log_weight(weight)
+            steps = self._before_segment(weight)
             try:
                 return original_run(optimizer, batch_idx, segment_kwargs)
             finally:
                 self._decision = None
-                self._after_segment()
+                self._after_segment(steps)
 
         return self._run_batch(context, run_segment)
 
@@ -193,22 +219,28 @@ class TrainingLoopPatch:
         context = BatchContext(kwargs=kwargs, automatic=False)
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
-            self._set_log_weight(weight)
+            steps = self._before_segment(weight)
             try:
                 return original_run(segment_kwargs)
             finally:
-                self._after_segment()
+                self._after_segment(steps)
 
         return self._run_batch(context, run_segment)
 
-    def _set_log_weight(self, weight: int | None) -> None:
+    def _before_segment(self, weight: int) -> int:
+        """Weight the segment's logged values; return the optimizer steps taken so far."""
+        if self._step_logging is not None:
+            self._step_logging.flush()  # the row owed for the previous segment's step
         set_log_weight(self._trainer, weight)
+        return self._trainer.global_step
 
-    def _after_segment(self) -> None:
-        self._set_log_weight(None)
+    def _after_segment(self, steps_before: int) -> None:
+        set_log_weight(self._trainer, None)
         connector = self._trainer._logger_connector
         if connector._first_loop_iter is True:
             connector._first_loop_iter = False
+        if self._step_logging is not None:
+            self._step_logging.segment_ran(steps_before)
 
     def _make_zero_grad_fn(self, batch_idx: int, optimizer: Optimizer) -> Callable[[], None] | None:
         decision = self._decision
@@ -230,6 +262,168 @@ class TrainingLoopPatch:
         return not self._decision.step
 
 
+class StepLogging:
+    """Training rows go to the loggers after the optimizer steps they belong to, at ``global_step``.
+
+    Lightning sends the ``on_step`` values logged during a batch to the loggers once, at the end of the batch, at the
+    count of batches that stepped. Instead, after each optimizer step whose number ``global_step`` is a multiple of
+    ``Trainer(log_every_n_steps=n)`` (and after the last step, where Lightning logs before stopping), a row goes out.
+    The row of a batch's last segment waits for the end of the batch, so values logged in ``on_train_batch_end`` are
+    in it, as they are in Lightning's own row. Every row the connector sends without a step of its own (these, and the
+    epoch-level and validation rows) is put at ``global_step - 1``, the index of the latest optimizer step: where
+    Lightning puts each of them when a batch takes one optimizer step.
+    """
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        self._trainer = trainer
+        self._connector = trainer._logger_connector
+        self._epoch_loop = trainer.fit_loop.epoch_loop
+        self._owed: int | None = None
+        """The ``global_step`` after the step whose row has not been sent yet (``global_step`` has not moved since)."""
+        self._last_step: int | None = None
+        """The ``global_step`` after the batch's last step, if its last segment stepped."""
+        self._patches = (
+            ("log_metrics", self._log_metrics),
+            ("update_train_step_metrics", self._update_train_step_metrics),
+        )
+
+    def install(self) -> None:
+        """Shadow the connector's methods on its instance."""
+        self._owed = self._last_step = None
+        for name, function in self._patches:
+            setattr(self._connector, name, function)
+
+    def remove(self) -> None:
+        """Remove the shadows. Safe to call more than once."""
+        for name, function in self._patches:
+            if vars(self._connector).get(name) == function:
+                delattr(self._connector, name)
+        self._owed = self._last_step = None
+
+    def _original(self, name: str) -> Callable[..., Any]:
+        return getattr(type(self._connector), name).__get__(self._connector)
+
+    def _at(self, step: int, metrics: Any) -> None:
+        """Send ``metrics`` through Lightning's own ``log_metrics``, at ``step`` unless a ``step`` value is logged."""
+        loop = self._epoch_loop
+        counted = loop._batches_that_stepped
+        loop._batches_that_stepped = step
+        try:
+            self._original("log_metrics")(metrics)
+        finally:
+            loop._batches_that_stepped = counted
+
+    def _log_metrics(self, metrics: Any, step: int | None = None) -> None:
+        if step is not None:
+            self._original("log_metrics")(metrics, step)
+        else:
+            self._at(max(self._trainer.global_step - 1, 0), metrics)
+
+    def segment_ran(self, steps_before: int) -> None:
+        """After a segment: owe a row if it took an optimizer step to log."""
+        steps = self._trainer.global_step
+        self._last_step = steps if steps > steps_before else None
+        every = self._trainer.log_every_n_steps  # type: ignore[attr-defined]
+        if self._last_step is not None and every > 0 and steps // every > steps_before // every:
+            self._owed = steps
+
+    def flush(self) -> None:
+        """Send the row owed, if any."""
+        if self._owed is not None:
+            self._owed = None
+            self._log_metrics(self._connector.metrics["log"])
+
+    def _update_train_step_metrics(self) -> None:
+        # at the end of a batch: the row of its last step (Lightning also logs the last step before stopping)
+        trainer = self._trainer
+        if self._owed is None and self._last_step is not None and (trainer.should_stop or trainer.fast_dev_run):  # type: ignore[attr-defined]
+            self._owed = self._last_step
+        self.flush()
+        self._last_step = None
+
+
+class FastDevRunPatch:
+    """Lets ``Trainer(fast_dev_run=N)`` run ``N`` whole batches (Lightning would stop after ``N`` optimizer steps)."""
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        self._trainer = trainer
+        self._epoch_loop = trainer.fit_loop.epoch_loop
+        self._saved: int | None = None
+
+    def install(self) -> None:
+        """Lift the step limit that ``fast_dev_run`` set (the batch limit it set stays)."""
+        if self._trainer.fast_dev_run and self._saved is None:  # type: ignore[attr-defined]
+            self._saved = self._epoch_loop.max_steps
+            self._epoch_loop.max_steps = -1
+
+    def remove(self) -> None:
+        """Put the step limit back. Safe to call more than once."""
+        if self._saved is not None:
+            self._epoch_loop.max_steps = self._saved
+            self._saved = None
+
+
+class ReleaseOnError:
+    """Calls ``release`` when the stage the ``Trainer`` runs (sanity check, loops) raises, before ``on_exception``.
+
+    Lightning calls every callback's ``on_exception`` in turn, so one that raises keeps the later ones from running;
+    the library's patches must not depend on its own ``on_exception``.
+    """
+
+    def __init__(self, trainer: "pl.Trainer", release: Callable[[], None]) -> None:
+        self._trainer = trainer
+        self._release = release
+
+    def install(self) -> None:
+        """Wrap the ``Trainer``'s ``_run_stage`` (an instance attribute)."""
+        setattr(self._trainer, "_run_stage", self._run_stage)  # noqa: B010
+
+    def remove(self) -> None:
+        """Remove the wrapper. Safe to call more than once."""
+        if vars(self._trainer).get("_run_stage") == self._run_stage:
+            delattr(self._trainer, "_run_stage")
+
+    def _run_stage(self) -> Any:
+        run_stage = type(self._trainer)._run_stage.__get__(self._trainer)
+        try:
+            return run_stage()
+        except BaseException:
+            self.remove()
+            self._release()
+            raise
+
+
+class EagerLogging:
+    """Runs ``self.log``/``self.log_dict`` outside ``torch.compile``'s graph, for a module passed to ``fit`` compiled.
+
+    Lightning compiles the step methods of ``torch.compile(module)``; tracing ``LightningModule.log`` fails in torch
+    2.13 (``InternalTorchDynamoError`` on the ``inspect`` call it makes), in Lightning without the library too. The
+    shadows are ``torch.compiler.disable`` versions of the two methods: a graph break, then the method runs eagerly.
+    """
+
+    NAMES = ("log", "log_dict")
+
+    def __init__(self, module: "pl.LightningModule") -> None:
+        self._module = module
+        self._shadows: dict[str, Callable[..., Any]] = {}
+
+    def install(self) -> None:
+        """Shadow the methods on the module instance, if Lightning compiled it."""
+        if getattr(self._module, "_compiler_ctx", None) is None or self._shadows:
+            return
+        for name in self.NAMES:
+            if name not in vars(self._module):
+                self._shadows[name] = torch.compiler.disable(getattr(self._module, name))
+                setattr(self._module, name, self._shadows[name])
+
+    def remove(self) -> None:
+        """Remove the shadows. Safe to call more than once."""
+        for name, shadow in self._shadows.items():
+            if vars(self._module).get(name) is shadow:
+                delattr(self._module, name)
+        self._shadows.clear()
+
+
 def complete_batch_saved_at_batch_end(trainer: "pl.Trainer") -> bool:
     """Count as completed a batch whose checkpoint was saved in ``on_train_batch_end`` (before Lightning 2.5).
 
@@ -243,6 +437,12 @@ def complete_batch_saved_at_batch_end(trainer: "pl.Trainer") -> bool:
         return False
     progress.increment_completed()
     return True
+
+
+def batches_started_in_epoch(trainer: "pl.Trainer") -> int:
+    """The batches of the current epoch the training loop has started, as restored from a checkpoint."""
+    current: Any = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(current.processed)
 
 
 def call_training_step(trainer: "pl.Trainer", kwargs: "OrderedDict[str, Any]") -> Any:

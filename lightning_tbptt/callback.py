@@ -2,6 +2,7 @@
 
 import dataclasses
 import inspect
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -17,9 +18,14 @@ from typing_extensions import override
 
 from lightning_tbptt._lightning_internals import (
     BatchContext,
+    EagerLogging,
+    FastDevRunPatch,
+    ReleaseOnError,
     RunSegment,
+    StepLogging,
     StrategyPatch,
     TrainingLoopPatch,
+    batches_started_in_epoch,
     call_training_step,
     complete_batch_saved_at_batch_end,
     resume_reruns_last_batch,
@@ -35,7 +41,7 @@ from lightning_tbptt.progress import SegmentProgress
 from lightning_tbptt.schedule import STEP_PER_CHOICES, Decision, OptimizationSchedule, StepPer
 from lightning_tbptt.segment import Segment, running
 from lightning_tbptt.split import split_batch
-from lightning_tbptt.state import StateCarrier, detach_state, find_recurrent_modules
+from lightning_tbptt.state import StateCarrier, detach_state, find_recurrent_modules, recurrent_candidates
 
 
 def _check_positive_int(value: Any, argument: str, example: str) -> int:
@@ -51,6 +57,12 @@ Transfer = Literal["segment", "batch"]
 TRANSFER_CHOICES: tuple[Transfer, ...] = ("segment", "batch")
 LossOn = Literal["new", "window"]
 LOSS_ON_CHOICES: tuple[LossOn, ...] = ("new", "window")
+LogEvery = Literal["step", "batch"]
+LOG_EVERY_CHOICES: tuple[LogEvery, ...] = ("step", "batch")
+NonfiniteState = Literal["keep", "reset"]
+NONFINITE_STATE_CHOICES: tuple[NonfiniteState, ...] = ("keep", "reset")
+CHECKPOINT_FORMAT = 1
+"""The version of the callback's entry in checkpoints; an entry of a newer version is refused."""
 _TRAIN = "train"
 _EVAL = "eval"
 
@@ -176,6 +188,17 @@ class TBPTTCallback(CallbackBase):
             with an all-``False`` mask, so they count in no masked loss, metric or token-weighted log. Applies where a
             stream starts from zeros: every batch, or with ``streaming`` the first batch of an epoch or evaluation
             run; in evaluation the steps are run and not counted.
+        log_every: When the values logged with ``self.log(..., on_step=True)`` during training reach the loggers.
+            ``"step"`` (default): after every optimizer step whose ``global_step`` is a multiple of
+            ``Trainer(log_every_n_steps=...)``, at step ``global_step - 1`` (one row per optimizer step; the
+            epoch-level and validation rows go to the step of the latest optimizer step too, so a run has one x axis:
+            optimizer steps, as in Lightning without TBPTT). ``"batch"``: as Lightning does, once per batch with the
+            last segment's values, at the count of batches.
+        nonfinite_state: What happens to a carried state that holds a ``NaN`` or an infinity. ``"keep"`` (default):
+            it is carried as it is, so one bad step poisons its row (lane) until a reset marker or the next batch
+            (with ``streaming``, until a reset marker). ``"reset"``: the state of that row is zeroed at the end of the
+            segment, as if a new sequence started there, and a warning names the rows, the batch and the steps
+            (costs one host synchronisation per batch).
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -207,6 +230,8 @@ class TBPTTCallback(CallbackBase):
         stride: int | None = None,
         loss_on: LossOn = "new",
         burn_in: int = 0,
+        log_every: LogEvery = "step",
+        nonfinite_state: NonfiniteState = "keep",
     ) -> None:
         if segment_length is not None:
             _check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
@@ -239,6 +264,17 @@ class TBPTTCallback(CallbackBase):
                 f"Expected argument `step_per` to be one of {STEP_PER_CHOICES} but got {step_per!r}. Use 'segment'"
                 " for a step after every segment or 'batch' for one step per batch."
             )
+        if log_every not in LOG_EVERY_CHOICES:
+            raise ConfigurationError(
+                f"Expected argument `log_every` to be one of {LOG_EVERY_CHOICES} but got {log_every!r}. Use 'step' for"
+                " a logger row per optimizer step or 'batch' for one row per batch, as Lightning does."
+            )
+        if nonfinite_state not in NONFINITE_STATE_CHOICES:
+            raise ConfigurationError(
+                f"Expected argument `nonfinite_state` to be one of {NONFINITE_STATE_CHOICES} but got"
+                f" {nonfinite_state!r}. Use 'keep' to carry the state as it is or 'reset' to zero the rows whose state"
+                " is not finite."
+            )
         if transfer is not None and transfer not in TRANSFER_CHOICES:
             raise ConfigurationError(
                 f"Expected argument `transfer` to be one of {TRANSFER_CHOICES} but got {transfer!r}. Use 'segment' to"
@@ -257,6 +293,8 @@ class TBPTTCallback(CallbackBase):
         self.stride = stride
         self.loss_on: LossOn = loss_on
         self.burn_in = burn_in
+        self.log_every: LogEvery = log_every
+        self.nonfinite_state: NonfiniteState = nonfinite_state
         if drop_finished and lengths is None:
             raise ConfigurationError(
                 "Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be"
@@ -280,6 +318,10 @@ class TBPTTCallback(CallbackBase):
         self._carrier: StateCarrier | None = None
         self._patch: TrainingLoopPatch | None = None
         self._strategy_patch: StrategyPatch | None = None
+        self._fit_patches: list[FastDevRunPatch | ReleaseOnError | EagerLogging] = []
+        self._first_batch_checked = False
+        self._modules_checked = False
+        self._nonfinite: list[tuple[Tensor, Tensor | None, Segment]] = []
         self._trainer: pl.Trainer | None = None
         self._progress: SegmentProgress | None = None
         # streams of batches: rows per batch, and rows whose sequence ended before their batch did
@@ -371,11 +413,18 @@ class TBPTTCallback(CallbackBase):
         self._transfer = self._resolve_transfer(trainer, pl_module)
         self._trainer = trainer
         self._progress = SegmentProgress(trainer)
+        self._first_batch_checked = self._modules_checked = False
+        # removed when the stage raises, even if another callback's `on_exception` raises before ours runs
+        self._fit_patches = [ReleaseOnError(trainer, self._teardown), EagerLogging(pl_module)]
         if stage == "fit":
             self._check_training(trainer, pl_module)
             self._schedule = OptimizationSchedule()
-            self._patch = TrainingLoopPatch(trainer, self._run_batch)
+            self._fit_patches.append(FastDevRunPatch(trainer))
+            step_logging = StepLogging(trainer) if self.log_every == "step" else None
+            self._patch = TrainingLoopPatch(trainer, self._run_batch, step_logging)
             self._patch.install()
+        for patch in self._fit_patches:
+            patch.install()
         self._strategy_patch = StrategyPatch(
             trainer, self._keeps_on_host, self._run_evaluation if self.evaluate else None
         )
@@ -391,6 +440,10 @@ class TBPTTCallback(CallbackBase):
         # for an epoch resumed in the middle, older releases do.
         restored, self._restored = self._restored, None
         self._resumed_epoch = None
+        if restored is None and trainer.ckpt_path is not None:
+            self._check_resume_without_state(trainer)
+        if restored is not None and restored.get("config") is not None:
+            self._warn_about_changed_settings(restored["config"])
         if restored is not None and restored.get("streaming", False) != self.streaming:
             raise ConfigurationError(
                 f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={self.streaming})` but it"
@@ -409,6 +462,51 @@ class TBPTTCallback(CallbackBase):
         if restored is not None and restored.get("mid_epoch") and restored["epoch"] == trainer.current_epoch:
             self._resume(trainer, restored)
             self._resumed_epoch = trainer.current_epoch
+
+    def _check_resume_without_state(self, trainer: "pl.Trainer") -> None:
+        """A checkpoint that holds no state of this callback: refuse what cannot resume exactly, else warn."""
+        started = batches_started_in_epoch(trainer)
+        if not 0 < started < trainer.num_training_batches:
+            return  # resumes at an epoch boundary: nothing is carried across it
+        if self.streaming:
+            raise ConfigurationError(
+                f"Expected the checkpoint {trainer.ckpt_path} to hold the state of `TBPTTCallback` (the carried state"
+                f" of every lane), since it was saved in the middle of an epoch ({started} batches done) and"
+                " `streaming=True`, but it holds none: it was saved without the callback, or the entry was removed."
+                " Resume from a checkpoint saved with the callback, or from one saved at the end of an epoch."
+            )
+        if trainer.accumulate_grad_batches > 1 or self.step_per == "batch":
+            rank_zero_warn(
+                f"The checkpoint {trainer.ckpt_path} holds no state of `TBPTTCallback` (it was saved without the"
+                f" callback, or the entry was removed) and was saved in the middle of an epoch ({started} batches"
+                " done): the accumulated gradients and the count of segments towards the next optimizer step are"
+                " unknown, so training resumes from a fresh accumulation. Resume from a checkpoint saved with the"
+                " callback for an exact continuation."
+            )
+
+    def _settings(self) -> dict[str, Any]:
+        """The settings that decide what a resumed fit trains, as saved in checkpoints."""
+        return {
+            "segment_length": self._fit_segment_length,
+            "stride": self.stride or self._fit_segment_length,
+            "burn_in": self.burn_in,
+            "step_per": self.step_per,
+            "time_dim": self.time_dim,
+            "loss_on": self.loss_on,
+        }
+
+    def _warn_about_changed_settings(self, saved: dict[str, Any]) -> None:
+        current = self._settings()
+        changed = {key: value for key, value in current.items() if key in saved and saved[key] != value}
+        if changed:
+            before = ", ".join(f"{key}={saved[key]!r}" for key in changed)
+            now = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+            rank_zero_warn(
+                f"The checkpoint being resumed was trained with `TBPTTCallback({before})` and this fit uses `{now}`:"
+                " training goes on with the new settings (the carried state and the data position are kept), so the"
+                " result is not that of one uninterrupted run. That is fine for fine-tuning; for an exact resume,"
+                " use the settings the checkpoint was saved with."
+            )
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -448,6 +546,8 @@ class TBPTTCallback(CallbackBase):
     def state_dict(self) -> dict[str, Any]:
         position = self._position
         state: dict[str, Any] = {
+            "version": CHECKPOINT_FORMAT,
+            "config": self._settings(),
             "epoch": position.epoch,
             "batches_done": position.batches_done,
             "mid_epoch": 0 < position.batches_done < position.num_batches,
@@ -495,6 +595,21 @@ class TBPTTCallback(CallbackBase):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # used when training resumes (`on_train_start`); `validate`/`test`/`predict` from a checkpoint ignore it
+        version = state_dict.get("version", 1)  # release 0.1.0 wrote no version: format 1
+        if isinstance(version, bool) or not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+            raise ConfigurationError(
+                f"Expected the checkpoint's `TBPTTCallback` entry to be in format {CHECKPOINT_FORMAT} or older but it"
+                f" is in format {version!r}, written by a newer release of lightning-tbptt. Upgrade lightning-tbptt to"
+                " resume from it."
+            )
+        missing = [key for key in ("epoch", "batches_done") if not isinstance(state_dict.get(key), int)]
+        if missing:
+            raise ConfigurationError(
+                f"Expected the checkpoint's `TBPTTCallback` entry to hold the integers {missing} but it holds"
+                f" {sorted(state_dict)}: it was edited or written by other code. Resume from a checkpoint as"
+                " `Trainer.save_checkpoint` wrote it, or delete the entry from `checkpoint['callbacks']` to resume"
+                " without the callback's state."
+            )
         self._restored = dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -549,9 +664,14 @@ class TBPTTCallback(CallbackBase):
                 f"`{type(pl_module).__name__}.training_step(dataloader_iter)` fetches its own batches, so"
                 " `TBPTTCallback` cannot cut them into segments. Take `training_step(batch, batch_idx)` instead."
             )
-        parameters = list(inspect.signature(step).parameters)
-        self._takes_hiddens = "hiddens" in parameters
-        if self._takes_hiddens:
+        signature = inspect.signature(step)
+        parameters = list(signature.parameters)
+        # Lightning 1.x passed `hiddens` whenever `truncated_bptt_steps` was set, also to `training_step(*args)`
+        steps = getattr(pl_module, "truncated_bptt_steps", 0)
+        one_x = isinstance(steps, int) and not isinstance(steps, bool) and steps > 0
+        var_positional = any(p.kind == p.VAR_POSITIONAL for p in signature.parameters.values())
+        self._takes_hiddens = "hiddens" in parameters or (one_x and var_positional)
+        if "hiddens" in parameters:
             expected = 2 if is_param_in_hook_signature(step, "batch_idx", min_args=2) else 1
             if parameters.index("hiddens") != expected:
                 raise ModelError(
@@ -633,7 +753,14 @@ class TBPTTCallback(CallbackBase):
                     " is carried between segments. Name custom recurrent modules in"
                     " `TBPTTCallback(recurrent_modules=[...])`."
                 )
-            self._carrier = StateCarrier(modules, time_dim=self.time_dim)
+            trainer = self._trainer
+            self._carrier = StateCarrier(
+                modules,
+                time_dim=self.time_dim,
+                reset_nonfinite=self.nonfinite_state == "reset",
+                # hooks left behind by a fit that failed where no hook of ours ran remove themselves when next called
+                alive=lambda: trainer.state.status == "running",
+            )
         return self._carrier
 
     def _keeps_on_host(self) -> bool:
@@ -710,6 +837,8 @@ class TBPTTCallback(CallbackBase):
             running(info),
         ):
             yield
+        if carrier.reset_nonfinite:
+            self._nonfinite.extend((bad, rows, info) for bad, rows in carrier.take_nonfinite())
 
     def _run_batch(self, context: BatchContext, run_segment: RunSegment) -> dict[str, Any]:
         assert self._trainer is not None
@@ -750,8 +879,63 @@ class TBPTTCallback(CallbackBase):
             output, index, decision = self._run_segments(context, run_segment, plan, total, decide, progress)
         finally:
             progress.done()
+        if plan.steps >= 2 and not self._first_batch_checked:
+            self._first_batch_checked = True
+            self._warn_if_nothing_is_carried()
+        self._report_nonfinite(f"training batch {self._position.batches_done} of epoch {trainer.current_epoch}")
         self._record_position(trainer, partial=index < total - 1, pending=decision is not None and not decision.step)
+        if self._takes_hiddens:  # as in Lightning 1.x, the outputs handed to `on_train_batch_end` hold no `hiddens`
+            output = {key: value for key, value in output.items() if key != "hiddens"}
         return output
+
+    def _warn_if_nothing_is_carried(self) -> None:
+        """After the first batch of several segments: name the modules that always got a state explicitly."""
+        names = [] if self._takes_hiddens else self._ensure_carrier().given_explicit_state()
+        if names:
+            rank_zero_warn(
+                f"`TBPTTCallback` carried no state into {names}: in every segment of the first batch, the first call"
+                " of each was given a state explicitly (e.g. zeros), and a state passed explicitly always wins, so"
+                " every segment starts from it. Call them without a state (`self.rnn(x)`; for a cell stepped in a"
+                " loop, start the loop from `None`) to have their state carried, name the module that owns the state"
+                f" in `recurrent_modules`, or pass `exclude_modules={names}` to silence this warning."
+            )
+
+    def _warn_about_new_modules(self) -> None:
+        """After the first segment of a fit: name the recurrent modules created since the state carrier was made."""
+        if self._takes_hiddens or self._trainer is None:
+            return
+        carrier = self._ensure_carrier()
+        found = recurrent_candidates(self._trainer.lightning_module, self.recurrent_modules, self.exclude_modules)
+        new = sorted(set(found) - set(carrier.modules))
+        if new:
+            rank_zero_warn(
+                f"`TBPTTCallback` does not carry the state of {new}: they did not exist when the fit started (they"
+                " were created in `on_train_start` or in a step), so no hook was added to them and every segment"
+                " starts them from zeros. Create recurrent modules in `__init__` or `configure_model`, or pass"
+                f" `exclude_modules={new}` to silence this warning."
+            )
+
+    def _report_nonfinite(self, where: str) -> None:
+        """Warn about the rows whose non-finite state was reset in this batch (one host synchronisation)."""
+        if not self._nonfinite:
+            return
+        entries, self._nonfinite = self._nonfinite, []
+        flagged = torch.stack([bad.any() for bad, _, _ in entries]).tolist()
+        trainer = self._trainer
+        process = f"process {trainer.global_rank}: " if trainer is not None and trainer.world_size > 1 else ""
+        for (bad, rows, info), any_bad in zip(entries, flagged, strict=True):
+            if not any_bad:
+                continue
+            found = torch.nonzero(bad).flatten().cpu()
+            lanes = (found if rows is None else rows[found]).tolist()
+            steps = f"steps [{info.start}, {info.stop})" if info.start is not None else f"segment {info.index}"
+            warnings.warn(
+                f"{process}Reset the carried state of rows {lanes} of {where} after its {steps}: it held NaN or"
+                " infinite values (`TBPTTCallback(nonfinite_state='reset')`). Those rows start the next segment from"
+                " zeros, as at the start of a new sequence.",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _run_segments(
         self,
@@ -785,6 +969,9 @@ class TBPTTCallback(CallbackBase):
             progress.show(index, total)
             with self._running(info, _TRAIN, planned.carry_at):
                 output = run_segment(kwargs, decision, info.num_valid)
+            if not self._modules_checked:
+                self._modules_checked = True
+                self._warn_about_new_modules()
             if self._takes_hiddens:
                 hiddens = self._returned_hiddens(output, index)
             stopped = 0 <= trainer.max_steps <= trainer.global_step
@@ -858,6 +1045,7 @@ class TBPTTCallback(CallbackBase):
                 segments.append(info)
         finally:
             progress.done()
+        self._report_nonfinite(f"{name.removesuffix('_step')} batch {rest[0] if rest else '?'}")
         return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
 
     def _burn_in(self, context: BatchContext, planned: PlannedSegment) -> None:
@@ -963,11 +1151,13 @@ class TBPTTCallback(CallbackBase):
     def _teardown(self) -> None:
         self._restored = None
         self._resumed_epoch = None
-        for patch in (self._patch, self._strategy_patch):
+        for patch in (self._patch, self._strategy_patch, *self._fit_patches):
             if patch is not None:
                 patch.remove()
         self._patch = None
         self._strategy_patch = None
+        self._fit_patches = []
+        self._nonfinite.clear()
         if self._carrier is not None:
             self._carrier.remove()
             self._carrier = None

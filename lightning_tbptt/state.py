@@ -6,6 +6,10 @@ Every carried module gets a forward pre-hook and a forward hook:
   the end of the previous segment, detached from its graph; a state passed explicitly always wins;
 * the state returned by the module's last call in a segment becomes the carried state once the segment is done.
 
+A recurrent *cell* (``nn.LSTMCell``, ``nn.GRUCell``, ``nn.RNNCell``) is stepped by the model, one call per time step,
+each call fed the state the previous one returned: a call without a state (the loop's first, starting from ``None``)
+receives the carried state, and the state the cell returns at its last call in the segment is carried.
+
 The carried state changes only between segments, so a module called several times in one segment (or re-run by
 activation checkpointing during backward) sees the same carried state every time. Carried tensors are fresh,
 detached, contiguous tensors that nothing writes into.
@@ -29,7 +33,7 @@ Example:
 """
 
 import inspect
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -60,6 +64,37 @@ def _is_inside(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
 
 
+def _plain_name(name: str) -> str:
+    """``name`` seen through ``torch.compile`` wrappers: ``rnn._orig_mod.cell`` is ``rnn.cell``."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def _is_compile_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is the ``OptimizedModule`` that ``torch.compile`` wraps a module in."""
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
+def named_submodules(model: nn.Module) -> dict[str, nn.Module]:
+    """The submodules of ``model`` by qualified name, seen through ``torch.compile`` wrappers.
+
+    A submodule compiled with ``torch.compile`` is listed under its own name with the module it compiles (whose hooks
+    run inside the compiled code), so that names, and the carried state in checkpoints, do not depend on compiling.
+    """
+    return {
+        _plain_name(name): module for name, module in model.named_modules() if name and not _is_compile_wrapper(module)
+    }
+
+
+_RECURRENT_NAMES = ("RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell")
+
+
+def _is_recurrent(module: nn.Module) -> bool:
+    """Whether ``module`` is one of torch's recurrent modules or cells (also compiled by TorchScript)."""
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
+        return True
+    return isinstance(module, torch.jit.ScriptModule) and getattr(module, "original_name", "") in _RECURRENT_NAMES
+
+
 def _check_names(model: nn.Module, names: Sequence[str], argument: str, available: Sequence[str]) -> None:
     unknown = [name for name in names if name not in available]
     if unknown:
@@ -70,14 +105,32 @@ def _check_names(model: nn.Module, names: Sequence[str], argument: str, availabl
         )
 
 
+def recurrent_candidates(
+    model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> dict[str, nn.Module]:
+    """The modules :func:`find_recurrent_modules` returns, without its checks (names are expected to be valid)."""
+    include = [_plain_name(name) for name in include]
+    exclude = [_plain_name(name) for name in exclude]
+    found: dict[str, nn.Module] = {}
+    for name, module in named_submodules(model).items():
+        if _is_inside(name, exclude):
+            continue
+        owned_by_included = any(name.startswith(owner + ".") for owner in include)
+        if name in include or (_is_recurrent(module) and not owned_by_included):
+            found[name] = module
+    return found
+
+
 def find_recurrent_modules(
     model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> dict[str, nn.Module]:
     """Return the submodules of ``model`` whose state is carried across segments, by qualified name.
 
-    These are every :class:`torch.nn.RNNBase` submodule (``LSTM``, ``GRU``, ``RNN``) and every module named in
-    ``include``, except the modules named in ``exclude`` and everything inside them. A module named in ``include``
-    owns the state of the recurrent modules inside it, which are then not carried separately.
+    These are every :class:`torch.nn.RNNBase` submodule (``LSTM``, ``GRU``, ``RNN``), every recurrent cell
+    (:class:`torch.nn.RNNCellBase`: ``LSTMCell``, ``GRUCell``, ``RNNCell``) and every module named in ``include``,
+    except the modules named in ``exclude`` and everything inside them. A module named in ``include`` owns the state
+    of the recurrent modules inside it, which are then not carried separately. A module compiled with
+    ``torch.compile`` counts as the module it compiles, under its own name.
 
     Args:
         model: The model to search.
@@ -85,7 +138,8 @@ def find_recurrent_modules(
         exclude: Names of modules (and their children) whose state must not be carried.
 
     Raises:
-        ModelError: If a name is not a submodule of ``model``, or a bidirectional RNN is not excluded.
+        ModelError: If a name is not a submodule of ``model``, a bidirectional RNN is not excluded, or a carried
+            module is a TorchScript module (which takes no hooks).
 
     Example:
         >>> class Net(nn.Module):
@@ -101,23 +155,25 @@ def find_recurrent_modules(
         lightning_tbptt.errors.ModelError: Cannot carry the state of the bidirectional module `context` (LSTM) across segments: its backward direction needs time steps of later segments. Pass `TBPTTCallback(exclude_modules=['context'])` to let it start from zeros in every segment, or make it unidirectional.
 
     """  # noqa: E501
-    available = [name for name, _ in model.named_modules() if name]
-    _check_names(model, include, "recurrent_modules", available)
-    _check_names(model, exclude, "exclude_modules", available)
-    conflicting = [name for name in include if _is_inside(name, exclude)]
+    available = list(named_submodules(model))
+    _check_names(model, [_plain_name(name) for name in include], "recurrent_modules", available)
+    _check_names(model, [_plain_name(name) for name in exclude], "exclude_modules", available)
+    conflicting = [name for name in include if _is_inside(_plain_name(name), [_plain_name(n) for n in exclude])]
     if conflicting:
         raise ModelError(
             f"Expected `recurrent_modules` and `exclude_modules` not to overlap but {conflicting} are both carried and"
             " excluded. Remove them from one of the two."
         )
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not name or _is_inside(name, exclude):
-            continue
-        owned_by_included = any(name.startswith(owner + ".") for owner in include)
-        if name in include or (isinstance(module, nn.RNNBase) and not owned_by_included):
-            found[name] = module
+    found = recurrent_candidates(model, include, exclude)
     for name, module in found.items():
+        if isinstance(module, torch.jit.ScriptModule):
+            kind = getattr(module, "original_name", type(module).__name__)
+            raise ModelError(
+                f"Cannot carry the state of `{name}` (a TorchScript {kind}): TorchScript modules take no forward"
+                " hooks, through which the state is carried. Use the module without `torch.jit.script` (e.g."
+                f" `torch.compile` it instead), or pass `TBPTTCallback(exclude_modules=[{name!r}])` to let it start"
+                " from zeros in every segment."
+            )
         if getattr(module, "bidirectional", False):
             raise ModelError(
                 f"Cannot carry the state of the bidirectional module `{name}` ({type(module).__name__}) across"
@@ -130,7 +186,7 @@ def find_recurrent_modules(
 
 def _input_argument(module: nn.Module) -> str:
     """Return the name of the parameter through which ``module.forward`` takes its input (the first one)."""
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "input"
     parameters = list(inspect.signature(module.forward).parameters)
     return parameters[0] if parameters else "input"
@@ -138,7 +194,7 @@ def _input_argument(module: nn.Module) -> str:
 
 def _state_argument(name: str, module: nn.Module) -> str:
     """Return the name of the parameter through which ``module.forward`` takes its state (the second one)."""
-    if isinstance(module, nn.RNNBase):
+    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return "hx"
     parameters = [
         p
@@ -201,35 +257,67 @@ class StateCarrier:
 
     Args:
         modules: The modules to carry, by name (see :func:`find_recurrent_modules`).
-        time_dim: The time dimension of the inputs of custom recurrent modules (``torch.nn`` RNNs: from their
-            ``batch_first``); only used to split a call at a reset inside a segment.
+        time_dim: The time dimension along which batches are cut, and of the inputs of custom recurrent modules
+            (``torch.nn`` RNNs: from their ``batch_first``).
+        reset_nonfinite: Zero the carried state of every row whose state holds a ``NaN`` or an infinity, as if a new
+            sequence started there; the rows are reported by :meth:`take_nonfinite`.
+        alive: Called when a module is called outside a segment: ``False`` removes the hooks (the carrier was left
+            behind by a fit that ended without removing them). ``None``: the hooks stay until :meth:`remove`.
+
+    Raises:
+        ModelError: If a custom module takes no state argument (before any hook is added), or a hook cannot be added.
 
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module], time_dim: int = 1) -> None:
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        time_dim: int = 1,
+        reset_nonfinite: bool = False,
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
         self.modules = dict(modules)
         """The carried modules, by name."""
+        self.time_dim = time_dim
+        self.reset_nonfinite = reset_nonfinite
+        self._alive = alive
         self._streams: dict[str, _Stream] = {}
         self._stream = self._stream_named("train")
         self._pending: dict[str, Any] = {}
         self._pieces: dict[str, tuple[list[Tensor], int]] = {}
         self._captured: dict[str, Any] = {}
+        self._calls: dict[str, int] = {}
+        self._fed_carried: dict[str, bool] = {}
+        self._nonfinite: list[tuple[Tensor, Tensor | None]] = []
         self._active = False
+        self._length = 0
         self._resets: _Cuts | None = None
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
-        self._batch_dims = {name: 1 if isinstance(module, nn.RNNBase) else None for name, module in modules.items()}
+        self._cells = {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
+        self._batch_dims = {
+            name: 1 if isinstance(module, nn.RNNBase) else 0 if name in self._cells else None
+            for name, module in modules.items()
+        }
         self._input_names = {name: _input_argument(module) for name, module in modules.items()}
         self._time_dims = {
             name: (1 if module.batch_first else 0) if isinstance(module, nn.RNNBase) else time_dim
             for name, module in modules.items()
         }
-        for name, module in modules.items():
-            argument = arguments[name]
-            self._handles.append(
-                module.register_forward_pre_hook(partial(self._inject, name, argument), with_kwargs=True)
-            )
-            self._handles.append(module.register_forward_hook(partial(self._capture, name)))
+        try:
+            for name, module in modules.items():
+                argument = arguments[name]
+                self._handles.append(
+                    module.register_forward_pre_hook(partial(self._inject, name, argument), with_kwargs=True)
+                )
+                self._handles.append(module.register_forward_hook(partial(self._capture, name)))
+        except Exception as error:  # all or nothing: no module keeps a hook
+            self.remove()
+            raise ModelError(
+                f"Cannot carry the state of `{name}` ({type(module).__name__}): adding its forward hooks failed with"
+                f" {type(error).__name__}: {error}. Pass `TBPTTCallback(exclude_modules=[{name!r}])` to let it start"
+                " from zeros in every segment."
+            ) from error
 
     def _stream_named(self, stream: str) -> _Stream:
         return self._streams.setdefault(stream, _Stream())
@@ -249,6 +337,24 @@ class StateCarrier:
         state.clear()
         state.carried.update(carried)
         state.rows.update({name: (None, 0) for name in carried})
+
+    def given_explicit_state(self) -> list[str]:
+        """The modules whose first call in every segment so far was given a state explicitly (so nothing is carried).
+
+        A state passed explicitly always wins over the carried one; a module that always gets one never receives the
+        carried state.
+        """
+        return [name for name, fed in self._fed_carried.items() if not fed]
+
+    def take_nonfinite(self) -> list[tuple[Tensor, Tensor | None]]:
+        """The rows reset because their state was not finite, since the last call (with ``reset_nonfinite``).
+
+        One ``(bad, rows)`` pair per segment that had any module's state carried: ``bad`` is a ``(B_seg,)`` boolean
+        tensor on the state's device (no host synchronisation was made to find it), ``rows`` the indices of the
+        segment's rows within its batch, or ``None`` for all rows.
+        """
+        taken, self._nonfinite = self._nonfinite, []
+        return taken
 
     @contextmanager
     def segment(
@@ -270,21 +376,29 @@ class StateCarrier:
                 state is zeroed right before that step (a call is split there when the step is inside the segment).
                 ``None``: no row starts anew.
             stream: Whose state is carried (``"train"``, or an evaluation stream).
-            length: Number of time steps of the segment (needed with ``carry_at``).
+            length: Number of time steps of the segment (needed with ``carry_at``; with it, a recurrent module that
+                reads time along the batch's rows is refused). 0: unknown.
             carry_at: Carry into the next segment the state after this many steps of the segment (the calls are split
                 there), rather than the state at its end: the next segment is an overlapping window that starts there.
 
         If the segment raises, the carried state is left as it was.
 
+        Raises:
+            ModelError: If a recurrent cell was not called once per time step where the segment has a reset or a
+                carry point inside it (which call is which step would be unknown).
+
         """
         self._stream = self._stream_named(stream)
         if rows is not None:
             self._restrict(rows)
-        cuts = _Cuts(length if starts is None else starts.shape[1], starts, carry_at)
+        length = length if starts is None else starts.shape[1]
+        cuts = _Cuts(length, starts, carry_at)
         self._resets = cuts if cuts.needed else None
+        self._length = length
         self._active = True
         try:
             yield
+            self._check_cell_calls()
         except BaseException:
             self._pending.clear()
             self._pieces.clear()
@@ -293,10 +407,54 @@ class StateCarrier:
         finally:
             self._active = False
             self._resets = None
+            self._calls.clear()
+            self._captured.clear()
+        bad_rows = None
         for name, state in self._pending.items():
-            self._stream.carried[name] = detach_state(state)
+            detached = detach_state(state)
+            if self.reset_nonfinite:
+                detached, bad = self._reset_nonfinite_rows(name, detached, batch_size)
+                bad_rows = bad if bad_rows is None else bad_rows | bad
+            self._stream.carried[name] = detached
             self._stream.rows[name] = (rows, batch_size)
         self._pending.clear()
+        if bad_rows is not None:
+            self._nonfinite.append((bad_rows, rows))
+
+    def _check_cell_calls(self) -> None:
+        resets = self._resets
+        if resets is None or not resets.cuts:
+            return
+        for name in self._cells:
+            calls = self._calls.get(name, 0)
+            if calls not in (0, resets.length):
+                raise ModelError(
+                    f"Expected the recurrent cell `{name}` ({type(self.modules[name]).__name__}) to be called once per"
+                    f" time step of the segment ({resets.length}) but it was called {calls} times: where a sequence"
+                    " starts inside a segment (`resets`) or the next window starts (`stride`), the library must know"
+                    " which call is which step. Step the cell once per time step, in order, or start new sequences"
+                    " only at batch boundaries and do not set `stride`."
+                )
+
+    def _reset_nonfinite_rows(self, name: str, state: Any, batch_size: int) -> tuple[Any, Tensor]:
+        """Zero the rows of ``state`` that hold a non-finite value; return it and the ``(B,)`` mask of those rows."""
+        tensors: list[Tensor] = []
+        apply_to_collection(state, Tensor, tensors.append)
+        count = batch_size or self._rows_in(name, tensors)
+        dims = [self._row_dim(name, tensor, count) for tensor in tensors]
+        bad = torch.zeros(count, dtype=torch.bool, device=tensors[0].device if tensors else None)
+        for tensor, dim in zip(tensors, dims, strict=True):
+            if tensor.is_floating_point() or tensor.is_complex():
+                other = [d for d in range(tensor.dim()) if d != dim]
+                finite = torch.isfinite(tensor).all(dim=other) if other else torch.isfinite(tensor)
+                bad = bad | ~finite.to(bad.device)
+        return self._zero_rows(name, state, bad), bad
+
+    def _rows_in(self, name: str, tensors: list[Tensor]) -> int:
+        dim = self._batch_dims[name]
+        if dim is not None and tensors and tensors[0].dim() > dim:
+            return tensors[0].shape[dim]
+        return 0
 
     def _restrict(self, rows: Tensor) -> None:
         stream = self._stream
@@ -314,8 +472,8 @@ class StateCarrier:
     def _row_dim(self, name: str, tensor: Tensor, count: int) -> int:
         """The dimension of ``tensor`` (a state of ``name``) that holds the ``count`` sequences.
 
-        That is dimension 1 for ``torch.nn`` RNNs (``(layers, B, H)``); for custom modules, the only dimension of size
-        ``count``.
+        That is dimension 1 for ``torch.nn`` RNNs (``(layers, B, H)``), 0 for cells (``(B, H)``); for custom modules,
+        the only dimension of size ``count``.
         """
         dims = [d for d, size in enumerate(tensor.shape) if size == count]
         if self._batch_dims[name] is not None:
@@ -349,6 +507,7 @@ class StateCarrier:
         self._pending.clear()
         self._pieces.clear()
         self._captured.clear()
+        self._nonfinite.clear()
 
     def remove(self) -> None:
         """Remove every hook from the modules."""
@@ -357,15 +516,30 @@ class StateCarrier:
         self._handles.clear()
         self.reset()
 
+    @property
+    def hooked(self) -> bool:
+        """Whether the hooks are in place."""
+        return bool(self._handles)
+
     def _inject(
         self, name: str, argument: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if not self._active:
+            if self._alive is not None and not self._alive():
+                self.remove()
             return None
         explicit = args[1] if len(args) >= 2 else kwargs.get(argument)
+        call = self._calls.get(name, 0)
+        if call == 0:
+            self._fed_carried[name] = self._fed_carried.get(name, False) or explicit is None
+        inputs = args[0] if args else kwargs.get(self._input_names[name])
+        if name in self._cells:
+            return self._inject_cell(name, argument, module, args, kwargs, explicit, inputs, call)
+        state = self._stream.carried.get(name)
+        if isinstance(module, nn.RNNBase) and isinstance(inputs, Tensor):
+            self._check_rnn_input(name, module, inputs, state if explicit is None else None)
         if explicit is not None:
             return None  # a state passed explicitly always wins
-        state = self._stream.carried.get(name)
         resets = self._resets
         if resets is not None and resets.first is not None and state is not None:
             state = self._zero_rows(name, state, resets.first)
@@ -376,6 +550,72 @@ class StateCarrier:
         if len(args) >= 2:
             return (args[0], state, *args[2:]), kwargs
         return args, {**kwargs, argument: state}
+
+    def _inject_cell(
+        self,
+        name: str,
+        argument: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        explicit: Any,
+        inputs: Any,
+        call: int,
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """A cell's call ``call`` of the segment: its input is time step ``call``, its state the previous step's."""
+        state = explicit
+        resets = self._resets
+        if state is None:
+            state = self._stream.carried.get(name)
+            if state is not None and resets is not None and resets.first is not None and call == 0:
+                state = self._zero_rows(name, state, resets.first)
+        if state is not None and isinstance(inputs, Tensor) and inputs.dim() == 2:
+            self._check_rows(name, module, inputs.shape[0], state)
+        if state is not None and resets is not None and call > 0:
+            marked = next((rows for step, rows, _ in resets.cuts if step == call), None)
+            if marked is not None:
+                state = self._zero_rows(name, state, marked)  # a new sequence starts at this step
+        if state is None or state is explicit:
+            return None
+        if len(args) >= 2:
+            return (args[0], state, *args[2:]), kwargs
+        return args, {**kwargs, argument: state}
+
+    def _check_rnn_input(self, name: str, module: nn.RNNBase, inputs: Tensor, state: Any) -> None:
+        """Refuse an input laid out against the cut (time along the batch's rows), or with other rows than the state."""
+        if inputs.dim() != 3:
+            return  # unbatched, or packed
+        time_dim = 1 if module.batch_first else 0
+        batch_dim = 1 - time_dim
+        length = self._length
+        cut = self.time_dim
+        if length and cut == batch_dim and inputs.shape[batch_dim] == length and inputs.shape[time_dim] != length:
+            first_dim = "time-first `(T, B, ...)`" if time_dim == 0 else "batch-first `(B, T, ...)`"
+            other_dim = "batch-first" if time_dim == 0 else "time-first"
+            raise ModelError(
+                f"Expected the recurrent module `{name}` ({type(module).__name__}, batch_first={module.batch_first})"
+                f" to read time along the dimension the batch was cut along, `time_dim={cut}`, but it reads time along"
+                f" dimension {time_dim} and finds the segment's {length} steps along its batch dimension (input shape"
+                f" {tuple(inputs.shape)}). For {first_dim} batches pass `TBPTTCallback(time_dim={time_dim})`; for"
+                f" {other_dim} batches construct the module with `batch_first={not module.batch_first}`."
+            )
+        if state is not None:
+            self._check_rows(name, module, inputs.shape[batch_dim], state)
+
+    def _check_rows(self, name: str, module: nn.Module, rows: int, state: Any) -> None:
+        dim = self._batch_dims[name]
+        tensors: list[Tensor] = []
+        apply_to_collection(state, Tensor, tensors.append)
+        if dim is None or not tensors or tensors[0].dim() <= dim or tensors[0].shape[dim] == rows:
+            return
+        raise ModelError(
+            f"Expected the recurrent module `{name}` ({type(module).__name__}) to be called on the"
+            f" {tensors[0].shape[dim]} rows (sequences) whose state the previous segment left, but it got an input of"
+            f" {rows} rows: the rows of a batch changed between its segments. To drop the rows of finished sequences,"
+            " let the callback do it"
+            " (`TBPTTCallback(lengths=..., drop_finished=True)`), which drops them from the carried state too; else"
+            f" pass `exclude_modules=[{name!r}]` to let the module start from zeros in every segment."
+        )
 
     def _run_pieces(
         self,
@@ -444,6 +684,15 @@ class StateCarrier:
     def _capture(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self._active:
             return None
+        if name in self._cells:  # a cell returns its new state (``h``, or ``(h, c)``)
+            calls = self._calls[name] = self._calls.get(name, 0) + 1
+            resets = self._resets
+            if name not in self._captured:
+                self._pending[name] = output
+            if resets is not None and resets.carry_at == calls:
+                self._captured[name] = output  # the next window starts here: carry the state after this step
+            return None
+        self._calls[name] = self._calls.get(name, 0) + 1
         if not isinstance(output, tuple) or len(output) != 2:
             raise ModelError(
                 f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"

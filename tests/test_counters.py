@@ -129,16 +129,17 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("log_every", ["step", "batch"])
 @pytest.mark.parametrize(
     ("step_per", "accumulate", "segment_length"), list(CASES), ids=[f"{s}-accumulate={a}-k={k}" for s, a, k in CASES]
 )
-def test_hook_and_step_counts(tmp_path, step_per, accumulate, segment_length):
+def test_hook_and_step_counts(tmp_path, step_per, accumulate, segment_length, log_every):
     steps, stepping_batches = CASES[(step_per, accumulate, segment_length)]
     model = CountingModel(scheduler=True).double()
     logger, counter = RecordingLogger(), CallbackCounter()
     trainer = make_trainer(
         tmp_path,
-        [TBPTTCallback(segment_length, step_per=step_per), counter],
+        [TBPTTCallback(segment_length, step_per=step_per, log_every=log_every), counter],
         logger=logger,
         log_every_n_steps=1,
         accumulate_grad_batches=accumulate,
@@ -167,17 +168,25 @@ def test_hook_and_step_counts(tmp_path, step_per, accumulate, segment_length):
     assert scheduler.last_epoch == stepping_batches
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**stepping_batches)
     logged_steps = [step for step, metrics in logger.records if "train_loss_step" in metrics]
-    assert logged_steps == list(range(stepping_batches))
+    # "step": a row after every optimizer step, at `global_step - 1` (where plain Lightning puts the row of its
+    # optimizer step); "batch": a row per batch after which Lightning steps, at the count of such batches
+    assert logged_steps == list(range(steps if log_every == "step" else stepping_batches))
+    (epoch_row,) = [step for step, metrics in logger.records if "train_loss_epoch" in metrics]
+    # the epoch row goes where the row of the last step went, as Lightning does
+    assert epoch_row == (steps if log_every == "step" else stepping_batches) - 1
 
 
-def test_logged_step_value_is_last_segment_and_epoch_value_is_mean_over_time_steps(tmp_path):
+@pytest.mark.parametrize("log_every", ["step", "batch"])
+def test_logged_step_value_is_last_segment_and_epoch_value_is_mean_over_time_steps(tmp_path, log_every):
     model = CountingModel().double()
     logger = RecordingLogger()
-    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], logger=logger, log_every_n_steps=1)
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5, log_every=log_every)], logger=logger, log_every_n_steps=1)
     trainer.fit(model, make_loader())
     step_values = [metrics["train_loss_step"] for _, metrics in logger.records if "train_loss_step" in metrics]
-    last_segments = model.segment_losses[SEGMENTS - 1 :: SEGMENTS]
-    assert step_values == pytest.approx(last_segments)
+    if log_every == "step":  # every segment's own value
+        assert step_values == pytest.approx(model.segment_losses)
+    else:  # the last segment's value of every batch
+        assert step_values == pytest.approx(model.segment_losses[SEGMENTS - 1 :: SEGMENTS])
     (epoch_value,) = [metrics["train_loss_epoch"] for _, metrics in logger.records if "train_loss_epoch" in metrics]
     # each segment's mean is weighted by its time steps (4 sequences x 5, 5, 5, 5, 3 steps): the mean over all steps
     steps = [4 * n for n in (5, 5, 5, 5, 3)] * BATCHES
@@ -286,3 +295,30 @@ def test_learning_rate_finder_trains_on_segments_too(tmp_path):
     assert model.seen[:4] == [5, 5, 5, 5], "the finder's trial steps"
     # (how many batches the fit then runs after the trial differs between Lightning releases)
     assert set(model.seen[4:]) == {5, 3}, "whole sequences have 23 steps"
+
+
+class ValidatingCountingModel(CountingModel):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.calls["validation_step"] += 1
+        self(batch[0])
+
+
+@pytest.mark.parametrize(("fast_dev_run", "batches"), [(True, 1), (2, 2)])
+def test_fast_dev_run_runs_whole_batches_and_one_validation_batch_each(tmp_path, fast_dev_run, batches):
+    model = ValidatingCountingModel().double()
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], fast_dev_run=fast_dev_run)
+    loader = make_loader()
+    trainer.fit(model, loader, loader)
+    # every segment of each batch trains: Lightning alone would stop after `fast_dev_run` optimizer steps
+    assert trainer.global_step == batches * SEGMENTS
+    assert model.calls["training_step"] == batches * SEGMENTS
+    assert model.calls["on_train_batch_end"] == batches
+    assert model.calls["validation_step"] == batches * SEGMENTS  # `batches` validation batches, segmented
+    # the Trainer's own limit is back once the fit is over
+    assert trainer.fit_loop.epoch_loop.max_steps == batches
+
+
+def test_max_steps_keeps_its_meaning_next_to_fast_dev_run_off(tmp_path):
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5)], max_steps=1)
+    trainer.fit(CountingModel().double(), make_loader())
+    assert trainer.global_step == 1

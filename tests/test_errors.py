@@ -6,6 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -27,8 +28,22 @@ from tests.helpers import SequenceRegressor, make_loader, make_trainer, paramete
         ({"segment_length": 8, "recurrent_modules": "cell"}, r"`recurrent_modules` to be a list .* but got 'cell'"),
         ({"segment_length": 8, "exclude_modules": [1]}, r"`exclude_modules` to be a list .* but got \[1\]"),
         ({"segment_length": 8, "recurrent_modules": None}, r"`recurrent_modules` to be a list .* but got None"),
+        ({"segment_length": 8, "log_every": "segment"}, r"`log_every` to be one of \('step', 'batch'\) but got 'seg"),
+        ({"segment_length": 8, "nonfinite_state": "zero"}, r"`nonfinite_state` to be one of \('keep', 'reset'\)"),
     ],
-    ids=["zero", "negative", "float", "bool", "time_dim", "step_per", "recurrent_modules", "exclude_modules", "None"],
+    ids=[
+        "zero",
+        "negative",
+        "float",
+        "bool",
+        "time_dim",
+        "step_per",
+        "recurrent_modules",
+        "exclude_modules",
+        "None",
+        "log_every",
+        "nonfinite_state",
+    ],
 )
 def test_invalid_arguments(kwargs, match):
     with pytest.raises(ConfigurationError, match=match):
@@ -342,3 +357,155 @@ def test_successful_fit_leaves_no_trace_and_can_run_again(tmp_path):
         trainer.fit(model, make_loader(dtype=torch.float32))
         assert trainer.global_step == 15
         assert_no_traces(trainer, model)
+
+
+class TimeFirstModel(SequenceRegressor):
+    """The layout of pytorch/examples' word language model: time-first batches, `nn.LSTM(batch_first=False)`."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_first=False, log=False)
+
+
+@pytest.mark.parametrize("batch_size", [4, 12], ids=["B<k", "B>k"])
+def test_time_first_batches_without_time_dim_0_are_refused_at_the_first_segment(tmp_path, batch_size):
+    loader = make_loader(batch_size=batch_size, batch_first=False, num_sequences=12, length=23)  # (23, B, 3)
+    trainer = make_trainer(tmp_path, [TBPTTCallback(8)])
+    match = (
+        r"`rnn` \(LSTM, batch_first=False\) to read time along the dimension the batch was cut along, `time_dim=1`,"
+        r" but it reads time along dimension 0 .* For time-first `\(T, B, \.\.\.\)` batches pass"
+        r" `TBPTTCallback\(time_dim=0\)`; for batch-first batches construct the module with `batch_first=True`\."
+    )
+    with pytest.raises(ModelError, match=match):
+        trainer.fit(TimeFirstModel().double(), loader)
+    assert trainer.global_step == 0
+    trainer = make_trainer(tmp_path, [TBPTTCallback(8, time_dim=0)])
+    trainer.fit(TimeFirstModel().double(), loader)
+    assert trainer.global_step == 3 * (12 // batch_size)
+
+
+class Downsampled(SequenceRegressor):
+    """A transformed input: every other step of the segment reaches the LSTM (no false alarm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x[:, ::2])
+        return self.head(out).repeat_interleave(2, dim=1)[:, : x.shape[1]]
+
+
+class Embedded(SequenceRegressor):
+    """Token batches `(B, T)` embedded to `(B, T, E)` before the LSTM: the segment's length, transformed."""
+
+    def __init__(self) -> None:
+        super().__init__(input_size=4, log=False)
+        self.embed = nn.Embedding(5, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        tokens, y = batch
+        out, _ = self.rnn(self.embed(tokens))
+        return torch.nn.functional.mse_loss(self.head(out), y)
+
+
+def test_a_module_fed_a_transformed_input_is_no_false_alarm(tmp_path):
+    # batches of 8 rows cut into segments of 8: the row count equals the segment length, the layout is right
+    trainer = make_trainer(tmp_path, [TBPTTCallback(8)])
+    trainer.fit(Downsampled(log=False).double(), make_loader(batch_size=8, num_sequences=16, length=24))
+    assert trainer.global_step == 2 * 3
+    tokens = torch.randint(0, 5, (8, 24))
+    loader = DataLoader(TensorDataset(tokens, torch.randn(8, 24, 1)), batch_size=8)
+    trainer = make_trainer(tmp_path, [TBPTTCallback(8)])
+    trainer.fit(Embedded(), loader)
+    assert trainer.global_step == 3
+
+
+class ShrinkingRows(SequenceRegressor):
+    """Drops the last row itself after the first segment: the carried state then has a row too many."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trainer is not None and self._segments_seen:
+            x = x[:-1]
+        self._segments_seen = True
+        out, _ = self.rnn(x)
+        return self.head(out)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        out = self(x)
+        return torch.nn.functional.mse_loss(out, y[: out.shape[0]])
+
+    _segments_seen = False
+
+
+def test_a_module_called_on_other_rows_than_its_carried_state_is_named(tmp_path):
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5)])
+    match = (
+        r"`rnn` \(LSTM\) to be called on the 4 rows \(sequences\) whose state the previous segment left, but it got an"
+        r" input of 3 rows: .*drop_finished=True.*exclude_modules=\['rnn'\]"
+    )
+    with pytest.raises(ModelError, match=match):
+        trainer.fit(ShrinkingRows(log=False), make_loader(dtype=torch.float32))
+
+
+class ScriptedCell(SequenceRegressor):
+    def __init__(self) -> None:
+        super().__init__(log=False)
+        self.cell = torch.jit.script(nn.GRUCell(3, 4))
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "found"])
+def test_a_torchscript_module_is_refused_and_no_module_keeps_a_hook(tmp_path, named):
+    model = ScriptedCell()
+    callback = TBPTTCallback(5, recurrent_modules=["cell"] if named else [])
+    match = r"Cannot carry the state of `cell` \(a TorchScript GRUCell\): TorchScript modules take no forward hooks"
+    fit_raises(tmp_path, model, callback, make_loader(dtype=torch.float32), ModelError, match)
+    assert not model.rnn._forward_hooks and not model.rnn._forward_pre_hooks
+    trainer = make_trainer(tmp_path, [TBPTTCallback(5, exclude_modules=["cell"])])
+    trainer.fit(model, make_loader(dtype=torch.float32))
+    assert trainer.global_step == 15
+
+
+def test_hooks_are_all_or_nothing_when_one_cannot_be_added():
+    from lightning_tbptt.state import StateCarrier
+
+    class Refuses(nn.GRU):
+        def register_forward_hook(self, *args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("no hooks here")
+
+    lstm, refuses = nn.LSTM(3, 4), Refuses(3, 4)
+    match = r"Cannot carry the state of `refuses` \(Refuses\): adding its forward hooks failed with RuntimeError"
+    with pytest.raises(ModelError, match=match):
+        StateCarrier({"lstm": lstm, "refuses": refuses})
+    assert not lstm._forward_hooks and not lstm._forward_pre_hooks
+    assert not refuses._forward_pre_hooks
+
+
+class RaisesInOnException(pl.Callback):
+    """A callback listed before the library's whose `on_exception` fails: Lightning then calls no later one."""
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        raise RuntimeError("on_exception failed too")
+
+
+def test_a_failing_on_exception_before_ours_leaves_no_trace(tmp_path):
+    model = FailsMidBatch(RuntimeError("boom in training_step"))
+    callbacks = [RaisesInOnException(), TBPTTCallback(5)]
+    fit_raises(tmp_path, model, callbacks, make_loader(dtype=torch.float32), RuntimeError, "on_exception failed too")
+
+
+class FailsAtFitStart(pl.Callback):
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        raise RuntimeError("boom at fit start")
+
+
+def test_hooks_left_by_a_fit_that_failed_outside_the_loops_remove_themselves(tmp_path):
+    # the hooks are added in our `on_fit_start`; a later callback fails there, before the loops start, and the
+    # failing `on_exception` keeps ours from running
+    model = SequenceRegressor(log=False)
+    trainer = make_trainer(tmp_path, [RaisesInOnException(), TBPTTCallback(5), FailsAtFitStart()])
+    with pytest.raises(RuntimeError, match="on_exception failed too"):
+        trainer.fit(model, make_loader(dtype=torch.float32))
+    assert model.rnn._forward_pre_hooks, "left behind: no hook of the library ran after the failure"
+    model(torch.zeros(2, 3, 3))  # the first call outside the failed fit removes them
+    assert_no_traces(make_trainer(tmp_path), model)
+    # and the trainer's loops are clean again when the callback sets up the next fit
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, FailsAtFitStart)]
+    trainer.fit(model, make_loader(dtype=torch.float32))
+    assert_no_traces(trainer, model)

@@ -124,3 +124,27 @@ def test_manual_optimization_module_runs_once_per_segment(tmp_path):
     assert trainer.global_step == 30
     reference_tbptt(reference, loader, segment_length=5, epochs=2)
     assert parameters_equal(model, reference)
+
+
+class Wrapped(HiddensModel):
+    """A wrapper or mixin that forwards `*args`, as many 1.x code bases have: 1.x passed `hiddens` to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_end_outputs: list[Any] = []
+
+    def training_step(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return super().training_step(*args, **kwargs)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.batch_end_outputs.append(outputs)
+
+
+def test_a_training_step_taking_args_receives_hiddens_as_in_lightning_1x(tmp_path):
+    model, reference, loader, trainer = fit_with_twin(tmp_path, lambda: Wrapped().double(), [TBPTTCallback()])
+    reference_tbptt(reference, loader, segment_length=5)
+    assert trainer.global_step == 15
+    assert parameters_equal(model, reference)
+    assert [hiddens is None for hiddens in model.received] == [i % 5 == 0 for i in range(15)]
+    # as in 1.x, the outputs handed to `on_train_batch_end` do not hold the hiddens
+    assert [sorted(outputs) for outputs in model.batch_end_outputs] == [["loss"]] * 3

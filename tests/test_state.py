@@ -222,8 +222,9 @@ class Network(nn.Module):
 
 def test_find_recurrent_modules_rules():
     net = Network()
-    assert sorted(find_recurrent_modules(net)) == ["custom.inner", "decoder.rnn", "encoder"]
-    assert sorted(find_recurrent_modules(net, exclude=["decoder"])) == ["custom.inner", "encoder"]
+    # torch's RNNs and cells, wherever they are
+    assert sorted(find_recurrent_modules(net)) == ["custom.cell", "custom.inner", "decoder.rnn", "encoder"]
+    assert sorted(find_recurrent_modules(net, exclude=["decoder"])) == ["custom.cell", "custom.inner", "encoder"]
     # a module opted in owns the state of the recurrent modules inside it
     assert sorted(find_recurrent_modules(net, include=["custom"])) == ["custom", "decoder.rnn", "encoder"]
 
@@ -285,7 +286,10 @@ class ExplicitZeroStateModel(SequenceRegressor):
 
 
 def test_model_passing_its_own_state_is_left_alone(tmp_path):
-    model, reference, loader, _ = fit_with_twin(tmp_path, lambda: ExplicitZeroStateModel().double(), [TBPTTCallback(5)])
+    with pytest.warns(UserWarning, match=r"carried no state into \['rnn'\].* pass `exclude_modules=\['rnn'\]`"):
+        model, reference, loader, _ = fit_with_twin(
+            tmp_path, lambda: ExplicitZeroStateModel().double(), [TBPTTCallback(5)]
+        )
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert parameters_equal(model, reference)
 
@@ -330,8 +334,9 @@ def test_custom_module_opted_in_by_name_carries_its_state_in_a_fit(tmp_path):
     reference_tbptt(reference, loader, segment_length=5)
     assert parameters_equal(model, reference)
 
-    # without opting in, no state is carried (and the callback warns about it)
-    with pytest.warns(UserWarning, match="found no recurrent module in CustomCellModel"):
+    # without opting in, only the GRU cell inside is found, and it is always given its state explicitly: no state is
+    # carried (and the callback says so, naming the cell)
+    with pytest.warns(UserWarning, match=r"carried no state into \['rnn.cell'\]: in every segment of the first batch"):
         model, reference, loader, _ = fit_with_twin(tmp_path, lambda: CustomCellModel().double(), [TBPTTCallback(5)])
     reference_tbptt(reference, loader, segment_length=5, carry=False)
     assert parameters_equal(model, reference)

@@ -1,0 +1,95 @@
+"""Resuming from a checkpoint that cannot continue the run it came from: refused, or warned about, never silent."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_tbptt import ConfigurationError, TBPTTCallback
+from tests.helpers import make_trainer, parameters_equal
+from tests.test_resume import SEGMENT, StreamRegressor, checkpoint, fit, stream_data
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path, int]:
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    model, trainer = fit(directory, every=6)  # a checkpoint after every second batch (3 per epoch)
+    return model, directory, trainer.global_step
+
+
+def edited(tmp_path: Path, directory: Path, edit: Any, name: str = "epoch=0-step=6") -> Path:
+    """A copy of a checkpoint of the uninterrupted run with the callback's entry changed by ``edit``."""
+    saved = torch.load(checkpoint(directory, name), weights_only=False)
+    (key,) = [key for key in saved["callbacks"] if "TBPTTCallback" in key]
+    edit(saved["callbacks"], key)
+    path = tmp_path / "edited.ckpt"
+    torch.save(saved, path)
+    return path
+
+
+def resume(tmp_path: Path, path: Path, callback: TBPTTCallback, **kwargs: Any) -> Any:
+    torch.manual_seed(0)
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2, **kwargs)
+    trainer.fit(StreamRegressor().double(), datamodule=stream_data(), ckpt_path=path)
+    return trainer
+
+
+def test_a_mid_epoch_checkpoint_without_the_callbacks_state_is_refused_in_streaming_mode(tmp_path, uninterrupted):
+    _, directory, _ = uninterrupted
+    path = edited(tmp_path, directory, lambda entries, key: entries.pop(key))
+    match = r"to hold the state of `TBPTTCallback` \(the carried state of every lane\), since it was saved in the"
+    with pytest.raises(ConfigurationError, match=match):
+        resume(tmp_path, path, TBPTTCallback(SEGMENT, streaming=True, resets="starts"))
+
+
+def test_a_mid_epoch_checkpoint_without_the_callbacks_state_warns_where_gradients_accumulate(tmp_path, uninterrupted):
+    _, directory, _ = uninterrupted
+    path = edited(tmp_path, directory, lambda entries, key: entries.pop(key))
+    with pytest.warns(UserWarning, match=r"holds no state of `TBPTTCallback` .* the accumulated gradients"):
+        resume(tmp_path, path, TBPTTCallback(SEGMENT, resets="starts"), accumulate_grad_batches=2)
+
+
+def test_an_end_of_epoch_checkpoint_needs_no_state_of_the_callback(tmp_path, uninterrupted):
+    _, directory, _ = uninterrupted
+    path = edited(tmp_path, directory, lambda entries, key: entries.pop(key), name="epoch=0-step=18")
+    trainer = resume(tmp_path, path, TBPTTCallback(SEGMENT, streaming=True, resets="starts"))
+    assert trainer.global_step == 36
+
+
+def test_resuming_with_other_settings_warns_and_names_them(tmp_path, uninterrupted):
+    _, directory, _ = uninterrupted
+    match = (
+        r"trained with `TBPTTCallback\(segment_length=5, stride=5\)` and this fit uses `segment_length=4, stride=4`:"
+        r" training goes on with the new settings"
+    )
+    with pytest.warns(UserWarning, match=match):
+        resume(tmp_path, checkpoint(directory, "epoch=0-step=6"), TBPTTCallback(4, streaming=True, resets="starts"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda entry: entry.pop("batches_done"), r"to hold the integers \['batches_done'\] but it holds \['accum"),
+        (lambda entry: entry.update(epoch="0"), r"to hold the integers \['epoch'\]"),
+        (lambda entry: entry.update(version=2), r"to be in format 1 or older but it is in format 2, written by a"),
+    ],
+    ids=["missing-key", "wrong-type", "newer-format"],
+)
+def test_an_edited_or_newer_entry_is_refused_with_what_is_wrong(tmp_path, uninterrupted, edit, match):
+    _, directory, _ = uninterrupted
+    path = edited(tmp_path, directory, lambda entries, key: edit(entries[key]))
+    with pytest.raises(ConfigurationError, match=match):
+        resume(tmp_path, path, TBPTTCallback(SEGMENT, streaming=True, resets="starts"))
+
+
+def test_a_checkpoint_of_release_0_1_0_without_version_or_settings_still_resumes_exactly(tmp_path, uninterrupted):
+    model, directory, global_step = uninterrupted
+
+    def strip(entries: Any, key: str) -> None:
+        entries[key].pop("version")
+        entries[key].pop("config")
+
+    resumed, trainer = fit(tmp_path, ckpt_path=edited(tmp_path, directory, strip))
+    assert trainer.global_step == global_step
+    assert parameters_equal(resumed, model, rtol=0, atol=1e-12)
