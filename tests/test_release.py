@@ -27,3 +27,13 @@ def test_distribution_metadata():
     requirements = installed.get_all("Requires-Dist")
     assert any(r.startswith("torch>=") for r in requirements)
     assert all("==" not in r for r in requirements if "extra ==" not in r)
+
+
+def test_the_malicious_lightning_releases_are_excluded_and_the_classifiers_are_true():
+    installed = metadata("lightning-tbptt")
+    names = re.compile(r"(pytorch-lightning|lightning)\b(?!-)")
+    lightning = [r for r in installed.get_all("Requires-Dist") if names.match(r)]
+    assert lightning, "both namespaces' packages are required (the second as an extra)"
+    for requirement in lightning:  # GHSA-w37p-236h-pfx3
+        assert "!=2.6.2" in requirement and "!=2.6.3" in requirement, requirement
+    assert "Framework :: Pytest" not in installed.get_all("Classifier"), "this is not a pytest plugin"
