@@ -131,7 +131,9 @@ class LengthsLocation:
 
     def _replace(self, container: Any, path: tuple[Key, ...], value: Any) -> Any:
         key, rest = path[0], path[1:]
-        new = self._replace(self._child(container, key), rest, value) if rest else value
+        # looked up first, the last key too: a place that does not exist is a BatchError, never a write that fails
+        child = self._child(container, key)
+        new = self._replace(child, rest, value) if rest else value
         if isinstance(container, Mapping):
             shallow: Any = copy.copy(container)
             shallow[key] = new

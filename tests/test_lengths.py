@@ -5,9 +5,12 @@ from collections import OrderedDict, namedtuple
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_tbptt import BatchError, ConfigurationError
+from lightning_tbptt import BatchError, ConfigurationError, TBPTTCallback
 from lightning_tbptt.lengths import LengthsLocation, check_lengths, segment_lengths
+from lightning_tbptt.plan import plan_segments
+from tests.helpers import SequenceRegressor, make_trainer
 
 Batch = namedtuple("Batch", ["x", "lengths"])
 
@@ -104,3 +107,50 @@ def test_segment_lengths_are_clamped_to_the_segment():
     assert segment_lengths(lengths, start=0, size=4).tolist() == [4, 4, 3, 0]
     assert segment_lengths(lengths, start=4, size=4).tolist() == [4, 3, 0, 0]
     assert segment_lengths(lengths, start=8, size=2).tolist() == [2, 0, 0, 0]
+
+
+Missing = namedtuple("Missing", ["x", "y"])
+
+
+@dataclasses.dataclass
+class Pair:
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+# places that do not exist, in every kind of container: the first four are the ones an outside check found escaping
+# as Python errors (`IndexError`, `TypeError`, `ValueError`) instead of the documented `BatchError`
+PLACES_THAT_DO_NOT_EXIST = [
+    (2, (X, X), r"batch\[2\] .* the tuple has only 2 elements"),
+    ("n", (X, X), r"found a tuple where 'n' was to be looked up"),
+    ("n", Missing(X, X), r"the Missing has no field 'n'"),
+    (("x", 0), {"x": X, "y": X}, r"found a Tensor where 0 was to be looked up"),
+    ("n", Pair(X, X), r"the Pair has no field 'n'"),
+    ("n", {"x": X}, r"the dict has no key 'n' \(its keys: \['x'\]\)"),
+    (("meta", "n"), {"x": X, "meta": {}}, r"batch\['meta'\]\['n'\] .* the dict has no key 'n'"),
+]
+PLACE_IDS = ["tuple-index", "tuple-key", "namedtuple-field", "tensor-index", "dataclass-field", "dict-key", "path"]
+
+
+@pytest.mark.parametrize(("spec", "batch", "match"), PLACES_THAT_DO_NOT_EXIST, ids=PLACE_IDS)
+def test_replacing_at_a_place_that_does_not_exist_is_a_batch_error(spec, batch, match):
+    with pytest.raises(BatchError, match=r"Expected the batch to hold lengths at .*" + match):
+        LengthsLocation(spec).replace(batch, None)
+    with pytest.raises(BatchError, match=r"Expected the batch to hold resets at .*" + match):
+        LengthsLocation(spec, argument="resets").replace(batch, None)
+
+
+@pytest.mark.parametrize(("spec", "batch", "match"), PLACES_THAT_DO_NOT_EXIST, ids=PLACE_IDS)
+@pytest.mark.parametrize("argument", ["lengths", "resets"])
+def test_planning_a_batch_without_the_place_is_a_batch_error(spec, batch, match, argument):
+    location = LengthsLocation(spec, argument=argument)
+    with pytest.raises(BatchError, match=rf"Expected the batch to hold {argument} at .*" + match):
+        plan_segments(batch, 2, **{argument: location})
+
+
+def test_a_fit_with_lengths_at_a_missing_index_fails_with_a_batch_error(tmp_path):
+    x = torch.randn(4, 6, 3)
+    loader = DataLoader(TensorDataset(x, x[..., :1]), batch_size=2)
+    trainer = make_trainer(tmp_path, [TBPTTCallback(3, lengths=2)], max_steps=2)
+    with pytest.raises(BatchError, match=r"TBPTTCallback\(lengths=2\)`\) but the list has only 2 elements"):
+        trainer.fit(SequenceRegressor(), loader)
