@@ -5,7 +5,8 @@ The rule that decides what is a sequence:
 * a tensor with more than ``time_dim`` dimensions is a *sequence tensor*;
 * every sequence tensor of a batch must have the same size along ``time_dim``; that size is the batch's sequence
   length ``T`` (tensors that disagree are an error, never a guess);
-* each sequence tensor is cut into views ``tensor.narrow(time_dim, start, length)`` (no copies); every other value
+* each sequence tensor is cut into views ``tensor.narrow(time_dim, start, length)`` (no copies; sparse COO and 2-D
+  CSR/CSC tensors are cut into copies of the same layout, see :func:`narrow`); every other value
   (tensors with ``time_dim`` or fewer dimensions such as per-sequence labels of shape ``(B,)``, scalars, strings,
   ``None``) is passed unchanged into every segment.
 
@@ -28,6 +29,7 @@ Example:
 
 from typing import Any
 
+import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
@@ -100,6 +102,38 @@ def sequence_length(batch: Any, time_dim: int = 1, hint_custom_split: bool = Tru
     return lengths[0]
 
 
+_COMPRESSED = (torch.sparse_csr, torch.sparse_csc)
+
+
+def narrow(tensor: Tensor, dim: int, start: int, size: int) -> Tensor:
+    """Return steps ``start:start + size`` of ``tensor`` along ``dim``: a view, or a copy of a sparse tensor.
+
+    Sparse COO tensors are sliced with ``narrow_copy``; 2-D CSR and CSC tensors through COO and back to their layout.
+
+    Raises:
+        BatchError: For a sparse layout that cannot be sliced along time (BSR, BSC, or CSR/CSC with batch dimensions).
+
+    """
+    if tensor.layout == torch.strided:
+        return tensor.narrow(dim, start, size)
+    if tensor.layout == torch.sparse_coo:
+        return tensor.narrow_copy(dim, start, size)
+    if tensor.layout in _COMPRESSED and tensor.dim() == 2:
+        return tensor.to_sparse_coo().narrow_copy(dim, start, size).to_sparse(layout=tensor.layout)
+    raise BatchError(
+        f"Expected the sequence tensors of the batch to be dense, sparse COO, or 2-D sparse CSR/CSC tensors but got a"
+        f" {tensor.layout} tensor of shape {tuple(tensor.shape)}, which cannot be cut along `time_dim={dim}`. Convert"
+        " it in your collate function (e.g. `tensor.to_sparse_coo()`), or override `TBPTTCallback.split_batch`."
+    )
+
+
+def select_rows(tensor: Tensor, dim: int, rows: Tensor) -> Tensor:
+    """Return the ``rows`` (indices) of ``tensor`` along ``dim``, for any layout :func:`narrow` accepts (a copy)."""
+    if tensor.layout in _COMPRESSED:
+        return tensor.to_sparse_coo().index_select(dim, rows).to_sparse(layout=tensor.layout)
+    return tensor.index_select(dim, rows)
+
+
 def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
     """Return the ``(start, stop)`` time indices of consecutive segments covering ``length`` steps.
 
@@ -130,10 +164,10 @@ def slice_batch(batch: Any, start: int, stop: int, time_dim: int = 1, rows: Tens
     size = stop - start
     if rows is None:
 
-        def narrow(tensor: Tensor) -> Tensor:
-            return tensor.narrow(time_dim, start, size) if tensor.dim() > time_dim else tensor
+        def cut(tensor: Tensor) -> Tensor:
+            return narrow(tensor, time_dim, start, size) if tensor.dim() > time_dim else tensor
 
-        return apply_to_collection(batch, Tensor, narrow)
+        return apply_to_collection(batch, Tensor, cut)
 
     sequences = [t for t in _tensors(batch) if t.dim() > time_dim]
     num_rows = sequences[0].shape[batch_dim(time_dim)]
@@ -143,9 +177,9 @@ def slice_batch(batch: Any, start: int, stop: int, time_dim: int = 1, rows: Tens
         if tensor.device not in on_device:
             on_device[tensor.device] = rows.to(tensor.device, non_blocking=True)
         if tensor.dim() > time_dim:
-            return tensor.narrow(time_dim, start, size).index_select(batch_dim(time_dim), on_device[tensor.device])
+            return select_rows(narrow(tensor, time_dim, start, size), batch_dim(time_dim), on_device[tensor.device])
         if tensor.dim() >= 1 and tensor.shape[0] == num_rows:
-            return tensor.index_select(0, on_device[tensor.device])
+            return select_rows(tensor, 0, on_device[tensor.device])
         return tensor
 
     return apply_to_collection(batch, Tensor, select)

@@ -6,9 +6,11 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
-from lightning_tbptt import BatchError
-from lightning_tbptt.split import segment_bounds, sequence_length, split_batch
+from lightning_tbptt import BatchError, TBPTTCallback
+from lightning_tbptt.split import batch_dim, segment_bounds, sequence_length, slice_batch, split_batch
+from tests.helpers import SequenceRegressor, make_data, make_trainer, parameters_equal, reference_tbptt, twin
 
 Pair = namedtuple("Pair", ["x", "y"])
 
@@ -103,3 +105,70 @@ def test_long_shape_lists_are_shortened():
     tensors = [torch.zeros(1, n + 1) for n in range(12)]
     with pytest.raises(BatchError, match=r"\(1, 8\), \.\.\.\]"):
         sequence_length(tensors)
+
+
+def sparse(tensor: torch.Tensor, layout: torch.layout) -> torch.Tensor:
+    return tensor.to_sparse_coo() if layout == torch.sparse_coo else tensor.to_sparse(layout=layout)
+
+
+def mostly_zero(*shape: int) -> torch.Tensor:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    return torch.where(x > 0.5, x, torch.zeros(()))
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape", "time_dim"),
+    [(torch.sparse_coo, (3, 7, 2), 1), (torch.sparse_coo, (7, 3, 2), 0), (torch.sparse_csr, (3, 7), 1)],
+    ids=["coo", "coo-time-first", "csr"],
+)
+def test_sparse_sequence_tensors_are_cut_into_sparse_copies(layout, shape, time_dim):
+    dense = mostly_zero(*shape)
+    # per-sequence labels only beside batch-first sequences (see the rule)
+    batch = {"x": sparse(dense, layout)} if time_dim == 0 else {"x": sparse(dense, layout), "label": torch.arange(3)}
+    segments = split_batch(batch, 3, time_dim=time_dim)
+    assert [s["x"].layout for s in segments] == [layout] * 3
+    back = torch.cat([s["x"].to_dense() for s in segments], dim=time_dim)
+    assert torch.equal(back, dense)
+    rows = torch.tensor([2, 0])
+    selected = slice_batch(batch, 3, 6, time_dim, rows)
+    expected = dense.narrow(time_dim, 3, 3).index_select(batch_dim(time_dim), rows)
+    assert selected["x"].layout == layout
+    assert torch.equal(selected["x"].to_dense(), expected)
+    assert time_dim == 0 or selected["label"].tolist() == [2, 0]
+
+
+def test_a_sparse_layout_that_cannot_be_cut_is_a_batch_error():
+    x = mostly_zero(3, 8).to_sparse_bsr((1, 2))
+    with pytest.raises(BatchError, match=r"got a torch.sparse_bsr tensor of shape \(3, 8\), which cannot be cut along"):
+        split_batch((x, torch.zeros(3, 8)), 3)
+
+
+class SparseInputRegressor(SequenceRegressor):
+    """Reads a sparse input (as a model for sparse features would), densified before the LSTM."""
+
+    def __init__(self, layout: torch.layout, input_size: int) -> None:
+        super().__init__(input_size=input_size)
+        self.layout = layout
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        assert x.layout == self.layout
+        dense = x.to_dense()
+        return super().training_step((dense if dense.dim() == 3 else dense.unsqueeze(-1), y), batch_idx)
+
+
+@pytest.mark.parametrize(("layout", "input_size"), [(torch.sparse_coo, 3), (torch.sparse_csr, 1)], ids=["coo", "csr"])
+def test_a_fit_on_sparse_inputs_equals_the_reference_loop_on_dense_ones(tmp_path, layout, input_size):
+    x, y = make_data(num_sequences=8, length=11, input_size=input_size)
+    x = torch.where(x > 0.3, x, torch.zeros((), dtype=x.dtype))
+    dense_batches = [(x[i : i + 4], y[i : i + 4]) for i in (0, 4)]
+    sparse_batches = [(sparse(xb if input_size > 1 else xb.squeeze(-1), layout), yb) for xb, yb in dense_batches]
+    torch.manual_seed(0)
+    model = SparseInputRegressor(layout, input_size).double()
+    reference = twin(model)
+    trainer = make_trainer(tmp_path, [TBPTTCallback(4)])
+    trainer.fit(model, DataLoader(sparse_batches, batch_size=None))
+    assert trainer.global_step == 6
+    counts = reference_tbptt(reference, dense_batches, segment_length=4)
+    assert counts["steps"] == 6
+    assert parameters_equal(model, reference)
