@@ -853,9 +853,9 @@ class TBPTTCallback(CallbackBase):
         try:
             plan = self._plan(context.kwargs["batch"])
             self._begin_batch(_TRAIN, plan)
-        except Exception:
-            # the other processes are about to wait for this one in the agreement: let them stop too
-            agree_on_segment_count(trainer, 0, automatic=context.automatic, failed=True)
+        except Exception as error:
+            # the other processes are about to wait for this one in the agreement: let them stop too, with the cause
+            agree_on_segment_count(trainer, 0, automatic=context.automatic, error=error)
             raise
         total = agree_on_segment_count(trainer, plan.steps, automatic=context.automatic)
         self._position.in_batch = True

@@ -12,7 +12,7 @@ gradient is the sum over the processes that still had a segment, divided by the 
 Only DDP can do that; other multi-process strategies (sharded ones, DeepSpeed), manual optimization, DDP with a static
 graph and models with ``SyncBatchNorm`` need equal counts, else every process raises
 :class:`~lightning_tbptt.errors.BatchError` at once. A process whose batch fails to be planned tells the others through
-the same all-reduce, so they raise too rather than wait.
+the same all-reduce, and then sends them its error, so they raise too rather than wait, quoting it.
 """
 
 from collections.abc import Iterator
@@ -67,30 +67,47 @@ def _why_counts_must_match(trainer: Any, automatic: bool) -> str | None:
     return None
 
 
-def agree_on_segment_count(trainer: Any, count: int, *, automatic: bool, failed: bool = False) -> int:
+def _gather_failures(error: BaseException | None) -> list[str]:
+    """Every failed process's error, as ``"process <rank>: <Type>: <message>"``: one collective, on failure only.
+
+    Empty without a default process group (other process groups, XLA: the messages cannot be gathered).
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return []
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    gathered: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    return [f"process {rank}: {message}" for rank, message in enumerate(gathered) if message is not None]
+
+
+def agree_on_segment_count(trainer: Any, count: int, *, automatic: bool, error: BaseException | None = None) -> int:
     """Return the largest number of segments any process has in its current batch (``count`` with one process).
 
     Args:
         trainer: The ``Trainer``.
         count: This process's number of segments.
         automatic: Whether the module uses automatic optimization.
-        failed: This process could not plan its batch (it raises its own error after this call).
+        error: Why this process could not plan its batch, or ``None``; the process raises it after this call.
 
     Raises:
-        BatchError: On every process at once, if another process could not plan its batch, or if the processes'
-            counts differ and this configuration cannot take part in a step without a segment.
+        BatchError: On every process at once, if another process could not plan its batch (the message quotes that
+            process's error, so the cause reaches the user whichever process's error a launcher shows), or if the
+            processes' counts differ and this configuration cannot take part in a step without a segment.
 
     """
     if trainer.world_size <= 1:
         return count
-    most, fewest, failure = _reduce_max(trainer.strategy, [count, -count, int(failed)])
+    most, fewest, failure = _reduce_max(trainer.strategy, [count, -count, int(error is not None)])
     fewest = -fewest
-    if failure and not failed:
-        raise BatchError(
-            "Another process could not plan its batch (see its error), so this process stops as well rather than wait"
-            " for it."
-        )
-    if failed or most == fewest:
+    if failure:
+        causes = _gather_failures(error)
+        if error is None:
+            quoted = "; ".join(causes) if causes else "see its error"
+            raise BatchError(
+                f"Another process could not plan its batch ({quoted}), so this process stops as well rather than"
+                " wait for it. Fix the cause in that process's batch."
+            )
+    if error is not None or most == fewest:
         return most
     reason = _why_counts_must_match(trainer, automatic)
     if reason is None:

@@ -1,6 +1,7 @@
 """Several processes (DDP on CPU, gloo): ranks whose batches have different numbers of segments stay in step."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -287,12 +288,19 @@ def test_overlapping_windows_and_burn_in_with_different_window_counts_equal_the_
         assert rank["counts"] == [9 + 1] * 9 + [3 + 1] * 3  # the burn-in prefix counts among the batch's segments
 
 
-def test_a_batch_that_fails_on_one_process_stops_every_process(tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_a_batch_that_fails_on_one_process_stops_every_process_with_the_cause(tmp_path, strategy):
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        run_ddp(tmp_path, "ddp", "segment", "broken")
+        run_ddp(tmp_path, strategy, "segment", "broken")
     error = failure.value.stderr.decode()
-    assert "every length at batch[2] is 0" in error  # the process whose batch is broken
-    assert "BatchError: Another process could not plan its batch" in error  # the other one, instead of waiting
+    # whichever process's error the launcher shows (`ddp_spawn` shows the first to fail), the cause is in it
+    assert "every length at batch[2] is 0" in error
+    if strategy == "ddp":  # every process prints its own: the other one stops too, instead of waiting, and quotes it
+        assert re.search(
+            r"BatchError: Another process could not plan its batch \(process 1: BatchError: Expected at"
+            r" least one sequence of the batch to have a time step but every length at batch\[2\] is 0",
+            error,
+        )
 
 
 def test_manual_optimization_with_different_segment_counts_fails_on_every_rank_without_hanging(tmp_path):
