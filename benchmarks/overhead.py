@@ -8,6 +8,7 @@ Prints the median milliseconds per segment and the ratios.
     python benchmarks/overhead.py --log           # one self.log per segment in both Lightning variants, an in-memory
                                                   # logger and log_every_n_steps=1 (a logger row per optimizer step)
     python benchmarks/overhead.py --log --log-every batch   # ... with TBPTTCallback(log_every="batch"): a row per batch
+    python benchmarks/overhead.py --log --log-every both    # both callback variants, interleaved in the same rounds
     python benchmarks/overhead.py --progress-bar  # with Lightning's TQDM bar (segment i/k) in both Lightning variants
     python benchmarks/overhead.py --stride 32     # TBPTTCallback with overlapping windows (k2=64 every k1=32 steps)
 """
@@ -160,6 +161,9 @@ def raw_seconds(net: Net, batches: list[Any], segment_length: int, lr: float) ->
     return batch_seconds(stamps)
 
 
+BY_BATCH = "TBPTTCallback, per batch"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden-size", type=int, default=256)
@@ -173,7 +177,12 @@ def main() -> None:
     parser.add_argument("--log", action="store_true", help="self.log once per segment in the Lightning variants")
     parser.add_argument("--progress-bar", action="store_true", help="Lightning's TQDM bar in the Lightning variants")
     parser.add_argument("--stride", type=int, default=None, help="overlapping windows for TBPTTCallback (k1)")
-    parser.add_argument("--log-every", choices=["step", "batch"], default="step", help="TBPTTCallback(log_every=...)")
+    parser.add_argument(
+        "--log-every",
+        choices=["step", "batch", "both"],
+        default="step",
+        help="TBPTTCallback(log_every=...); both: a fourth method, the callback with 'batch' beside 'step'",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -198,14 +207,15 @@ def main() -> None:
         if name == "manual Lightning loop":
             manual = ManualModel(fresh(), lr, args.log, args.segment_length)
             return fit_seconds(manual, batches, [], args.progress_bar, args.log)
-        callback = TBPTTCallback(args.segment_length, stride=args.stride, log_every=args.log_every)
+        log_every = "batch" if name == BY_BATCH or args.log_every == "batch" else "step"
+        callback = TBPTTCallback(args.segment_length, stride=args.stride, log_every=log_every)
         return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar, args.log)
 
-    names = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"]
+    names = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"] + [BY_BATCH] * (args.log_every == "both")
     runs: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         # rotate the order every round so that no method always runs first or last
-        for name in names[round_ % 3 :] + names[: round_ % 3]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             runs[name] += run(name)
 
     per_segment = {name: 1000 * statistics.median(times) / segments for name, times in runs.items()}
@@ -218,10 +228,13 @@ def main() -> None:
         f" progress bar={args.progress_bar}, stride={args.stride}"
         + ("" if args.stride is None else " (TBPTTCallback: ms per batch / segments of the plain split, see docs)")
     )
-    print(f"{'method':<24}{'ms/segment':>12}{'min':>9}{'vs raw':>10}{'vs manual':>12}")
+    print(f"{'method':<28}{'ms/segment':>12}{'min':>9}{'vs raw':>10}{'vs manual':>12}")
     for name, ms in per_segment.items():
         fastest = 1000 * min(runs[name]) / segments
-        print(f"{name:<24}{ms:>12.2f}{fastest:>9.2f}{ms / raw:>10.3f}{ms / manual_ms:>12.3f}")
+        print(f"{name:<28}{ms:>12.2f}{fastest:>9.2f}{ms / raw:>10.3f}{ms / manual_ms:>12.3f}")
+    if BY_BATCH in per_segment:
+        step, batch = per_segment["TBPTTCallback"], per_segment[BY_BATCH]
+        print(f"log_every='step' against 'batch': {step / batch:.3f}x, {step - batch:+.2f} ms per segment")
 
 
 if __name__ == "__main__":

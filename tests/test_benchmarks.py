@@ -33,8 +33,9 @@ def test_variable_length_benchmark_runs_and_prints_the_four_methods():
     assert rows["every padded step"][2] == 1.0, "ratios are against the padded run"
 
 
-def test_overhead_benchmark_runs_and_prints_the_three_methods():
-    args = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "2", "--length", "64", "--batches", "2"]
+@pytest.mark.parametrize("extra", [[], ["--log", "--log-every", "both"]], ids=["default", "log-every-both"])
+def test_overhead_benchmark_runs_and_prints_the_three_methods(extra):
+    args = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "2", "--length", "64", "--batches", "2", *extra]
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *args, "--segment-length", "16", "--rounds", "1"],
         capture_output=True,
@@ -44,10 +45,14 @@ def test_overhead_benchmark_runs_and_prints_the_three_methods():
         cwd=ROOT,
     )
     lines = result.stdout.splitlines()
-    for method in ("raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"):
-        (row,) = [line for line in lines if line.startswith(method)]
+    methods = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"] + ["TBPTTCallback, per batch"] * bool(
+        extra
+    )
+    for method in methods:
+        (row,) = [line for line in lines if line.startswith(method + " ")]
         ms, fastest, vs_raw, vs_manual = (float(v) for v in row[len(method) :].split())
         assert ms > 0 and fastest > 0 and vs_raw > 0 and vs_manual > 0
+    assert any(line.startswith("log_every='step' against 'batch': ") for line in lines) == bool(extra)
 
 
 def test_memory_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
