@@ -16,6 +16,9 @@ end, next to the unigram entropy of the corpus (what a model that ignores contex
     lightning-tbptt demo --max-steps 6000 --checkpoint-dir runs/demo
     lightning-tbptt demo --max-steps 12000 --checkpoint-dir runs/demo --resume last
     lightning-tbptt demo --segment-length 64 --stride 32 --accelerator gpu
+
+Ctrl-C stops a run after the running batch, saves ``last.ckpt`` there (with ``--checkpoint-dir``) and prints the
+command that resumes it; ``--resume`` refuses data, segment and model flags that differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -274,11 +277,13 @@ class CtrlC(pl.Callback):
         self.interrupted_at: int | None = None
         """The optimizer step where a ``KeyboardInterrupt`` (a second Ctrl-C) stopped the fit at once."""
         self._previous: Any = None
+        self._installed = False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Catch Ctrl-C (signal handlers can only be set from the main thread)."""
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._request)
+            self._installed = True
 
     def _request(self, signum: int, frame: Any) -> None:
         self.requested = True
@@ -291,16 +296,16 @@ class CtrlC(pl.Callback):
         )
 
     def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._installed:  # a handler not set from Python reads as None
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
 
-    def _stop_if_requested(self, trainer: pl.Trainer) -> None:
+    def _stop_if_requested(self, trainer: pl.Trainer, saved: bool = False) -> None:
         requested = self.requested
         if trainer.world_size > 1:  # every process stops at the same batch
             requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
         if requested:
-            if self.save is not None:
+            if self.save is not None and not saved:
                 self.save.save(trainer)
             self.stopped_at = trainer.global_step
             raise Stopped
@@ -312,7 +317,7 @@ class CtrlC(pl.Callback):
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Stop after a validation inside the fit, after a Ctrl-C during it."""
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self._stop_if_requested(trainer)
+            self._stop_if_requested(trainer, saved=True)  # by `SaveLast`, whose hook ran before
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Note a ``KeyboardInterrupt`` (Lightning catches it) and give Ctrl-C back."""
@@ -472,7 +477,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="lightning-tbptt-demo-") as folder:
             return _run(args, resume, resumed_step, Path(folder))
     finally:
-        # Lightning 2.6 ignores Ctrl-C from a `KeyboardInterrupt` on: leave the process as it was
+        # Lightning 2.4 and later ignore Ctrl-C after handling a `KeyboardInterrupt`: leave the process as it was
         if sigint is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, sigint)
 
@@ -571,7 +576,7 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         pass
     except SystemExit:
         if ctrl_c.interrupted_at is None:
-            raise  # Lightning 2.6 exits after handling a KeyboardInterrupt; earlier releases return
+            raise  # Lightning 2.4 and later exit after handling a KeyboardInterrupt; earlier releases return
     if ctrl_c.stopped_at is not None or ctrl_c.interrupted_at is not None:
         _report_table(say, history.before, history.rows)
         say(_stop_message(args, ctrl_c))
@@ -644,7 +649,7 @@ def _stop_message(args: argparse.Namespace, ctrl_c: CtrlC) -> str:
     if save is None:
         return f"{stopped}; no --checkpoint-dir was given"
     if save.saved_step is None:
-        return f"{stopped}; no checkpoint was saved before it: run the same command again to start over"
+        return f"{stopped}; this run saved no checkpoint before it: run the same command again"
     return f"{stopped}; {save.path} holds step {save.saved_step}; go on from there with:\n  {resume_command(args)}"
 
 

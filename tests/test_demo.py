@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -325,7 +326,8 @@ def test_ctrl_c_stops_after_the_batch_saves_and_prints_the_resume_command(tmp_pa
     handler = signal.getsignal(signal.SIGINT)
     # a real SIGINT, as Ctrl-C sends, in the third segment of the fifth batch (steps 16 to 19)
     training_step = interrupt_at(monkeypatch, 18, lambda: signal.raise_signal(signal.SIGINT))
-    with pytest.raises(SystemExit) as stopped:
+    with pytest.raises(SystemExit) as stopped, warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does stopping warn
         run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'run'}")
     assert stopped.value.code == 130
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is given back
@@ -338,7 +340,9 @@ def test_ctrl_c_stops_after_the_batch_saves_and_prints_the_resume_command(tmp_pa
     saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 20  # the batch finished: the state between two batches
     monkeypatch.setattr(demo.CharLM, "training_step", training_step)
-    resume_with_the_printed_command(captured.out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resume_with_the_printed_command(captured.out)
     assert_same_parameters(tmp_path / "run" / "last.ckpt", uninterrupted[1])
 
 
@@ -389,3 +393,31 @@ def test_a_run_with_checkpoints_and_resumes_warns_of_nothing(tmp_path):
         run("--max-steps=8", "--val-every=1", f"--checkpoint-dir={tmp_path}")
         run("--max-steps=12", "--val-every=1", f"--checkpoint-dir={tmp_path}", "--resume=last")
         run("--max-steps=12", "--val-every=1", f"--checkpoint-dir={tmp_path}", "--resume=last")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path):
+    """A real `lightning-tbptt demo` process and a real SIGINT, at whatever point of the fit it arrives."""
+    flags = ["--max-steps=160", "--val-every=2"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lightning_tbptt", *TINY, *flags, f"--checkpoint-dir={tmp_path / 'cut'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (tmp_path / "cut" / "last.ckpt").exists() and process.poll() is None:
+        time.sleep(0.05)  # the first validation's checkpoint: the fit runs
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    stopped = re.search(r"stopped by Ctrl-C at step (\d+), between two batches; saved (.*) \(step (\d+)\)", out)
+    assert stopped is not None, out
+    assert int(stopped[1]) == int(stopped[3]) and 0 < int(stopped[1]) < 160 and int(stopped[1]) % 4 == 0
+    assert torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)["global_step"] == int(stopped[1])
+    resume_with_the_printed_command(out)
+    run(*flags, f"--checkpoint-dir={tmp_path / 'whole'}")
+    whole = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 160
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
