@@ -24,6 +24,7 @@ command that resumes it; ``--resume`` refuses data, segment and model flags that
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import math
 import shlex
@@ -157,6 +158,12 @@ class StepsProgressBar(pl.callbacks.TQDMProgressBar):
         except TypeError:  # Lightning's bar has none yet
             return None
         return bar.n, bar.total
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Close the bars where the fit stops (Ctrl-C), so that they are not drawn again below the report."""
+        for name in ("train_progress_bar", "val_progress_bar"):
+            with contextlib.suppress(TypeError):  # Lightning's bar has none
+                getattr(self, name).close()
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Size the bar again where the epoch did not start from its first batch (a fit resumed in the middle).
