@@ -16,15 +16,23 @@ end, next to the unigram entropy of the corpus (what a model that ignores contex
     lightning-tbptt demo --max-steps 6000 --checkpoint-dir runs/demo
     lightning-tbptt demo --max-steps 12000 --checkpoint-dir runs/demo --resume last
     lightning-tbptt demo --segment-length 64 --stride 32 --accelerator gpu
+
+Ctrl-C stops a run after the running batch, saves ``last.ckpt`` there (with ``--checkpoint-dir``) and prints the
+command that resumes it; ``--resume`` refuses data, segment and model flags that differ from the checkpoint's.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import math
+import shlex
+import signal
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -143,6 +151,20 @@ class StepsProgressBar(pl.callbacks.TQDMProgressBar):
         batches += max(0, -(-remaining // self.every))
         return min(batches, trainer.num_training_batches)
 
+    def trained_batches(self) -> tuple[int, int | float | None] | None:
+        """The batches the bar counted and planned; ``None`` where no training epoch started (a resumed, done run)."""
+        try:
+            bar = self.train_progress_bar
+        except TypeError:  # Lightning's bar has none yet
+            return None
+        return bar.n, bar.total
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Close the bars where the fit stops (Ctrl-C), so that they are not drawn again below the report."""
+        for name in ("train_progress_bar", "val_progress_bar"):
+            with contextlib.suppress(TypeError):  # Lightning's bar has none
+                getattr(self, name).close()
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         """Size the bar again where the epoch did not start from its first batch (a fit resumed in the middle).
 
@@ -194,24 +216,125 @@ class History(pl.Callback):
         self.characters = state_dict["characters"]
 
 
+FLAGS_KEY = "lightning_tbptt_demo_flags"
+"""The key of the demo's checkpoints that holds the flags a resumed run must repeat (see :func:`resume_flags`)."""
+
+
+def resume_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that decide what a run trains, which a run resumed from its checkpoint must repeat.
+
+    The data, the TBPTT segments and the model: others (``--max-steps``, ``--val-every``, the hardware) may change.
+    """
+    names = ["chars", "held_out", "lanes", "eval_lanes", "batch_steps", "segment_length", "stride", "burn_in"]
+    return {name: getattr(args, name) for name in [*names, "hidden_size", "embedding_size", "lr"]}
+
+
 class SaveLast(pl.Callback):
-    """Saves ``last.ckpt`` in ``dirpath`` after every validation and after the run's last batch.
+    """Saves ``last.ckpt`` in ``dirpath`` after every validation and after the run's last batch, with the run's flags.
 
     Both are saved between two batches, so resuming from them continues exactly where they were saved.
     """
 
-    def __init__(self, dirpath: Path) -> None:
+    def __init__(self, dirpath: Path, flags: dict[str, Any], saved_step: int | None = None) -> None:
         self.path = dirpath / "last.ckpt"
+        self.flags = flags
+        self.saved_step = saved_step
+        """The optimizer step ``last.ckpt`` holds (``None`` while there is none)."""
+
+    def save(self, trainer: pl.Trainer) -> None:
+        """Save ``last.ckpt`` now."""
+        trainer.save_checkpoint(self.path, weights_only=False)  # everything, to resume from
+        self.saved_step = trainer.global_step
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Keep the flags in the checkpoint, so that ``--resume`` can check them before anything runs."""
+        checkpoint[FLAGS_KEY] = dict(self.flags)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Save after a validation inside the fit."""
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
+            self.save(trainer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Save after the run's last batch."""
         if trainer.global_step >= trainer.max_steps:
-            trainer.save_checkpoint(self.path)
+            self.save(trainer)
+
+
+class Stopped(Exception):
+    """Raised by :class:`CtrlC` to end the fit where Ctrl-C stopped it (caught by :func:`run`)."""
+
+
+class CtrlC(pl.Callback):
+    """Ctrl-C stops the fit between two batches, where a checkpoint resumes exactly.
+
+    The first Ctrl-C (``SIGINT``) of the fit lets the running batch (and a validation that runs after it) finish, then
+    saves ``last.ckpt`` (where there is a :class:`SaveLast`) and stops the fit. A second Ctrl-C raises
+    ``KeyboardInterrupt`` at once, which Lightning handles; nothing is saved then, since a checkpoint saved in the
+    middle of a batch (some of its segments trained) does not resume exactly.
+    """
+
+    def __init__(self, save: SaveLast | None) -> None:
+        self.save = save
+        self.requested = False
+        self.stopped_at: int | None = None
+        """The optimizer step where the first Ctrl-C stopped the fit, between two batches."""
+        self.interrupted_at: int | None = None
+        """The optimizer step where a ``KeyboardInterrupt`` (a second Ctrl-C) stopped the fit at once."""
+        self._previous: Any = None
+        self._installed = False
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Catch Ctrl-C (signal handlers can only be set from the main thread)."""
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._request)
+            self._installed = True
+
+    def _request(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        self._restore()  # a second Ctrl-C raises KeyboardInterrupt at once
+        print(
+            "\nCtrl-C: stopping after this batch, where a checkpoint resumes exactly (Ctrl-C again stops at once,"
+            " without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restore(self) -> None:
+        if self._installed:  # a handler not set from Python reads as None
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def _stop_if_requested(self, trainer: pl.Trainer, saved: bool = False) -> None:
+        requested = self.requested
+        if trainer.world_size > 1:  # every process stops at the same batch
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if requested:
+            if self.save is not None and not saved:
+                self.save.save(trainer)
+            self.stopped_at = trainer.global_step
+            raise Stopped
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Stop between two batches after a Ctrl-C."""
+        self._stop_if_requested(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop after a validation inside the fit, after a Ctrl-C during it."""
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop_if_requested(trainer, saved=True)  # by `SaveLast`, whose hook ran before
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Note a ``KeyboardInterrupt`` (Lightning catches it) and give Ctrl-C back."""
+        self._restore()
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted_at = trainer.global_step
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give Ctrl-C back."""
+        self._restore()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -299,9 +422,77 @@ def _check(args: argparse.Namespace) -> str | None:
     return str(path)
 
 
+def _check_checkpoint(args: argparse.Namespace, path: str) -> int:
+    """Refuse a flag that differs from the run saved in the checkpoint at ``path``; return the checkpoint's step."""
+    try:
+        # the demo's checkpoints hold only tensors, numbers, strings and containers of them
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        step = int(checkpoint["global_step"])
+    except Exception as error:  # any reason why the file is not a checkpoint
+        raise SystemExit(
+            f"error: argument --resume: cannot read {path} as a checkpoint ({type(error).__name__}:"
+            f" {str(error).strip().splitlines()[0][:80] if str(error).strip() else 'no message'}); pass a .ckpt file"
+            " saved by the demo, or `last`"
+        ) from None
+    saved = checkpoint.get(FLAGS_KEY)
+    if not isinstance(saved, dict):  # saved before the demo kept its flags: the model's, which Lightning keeps
+        saved = dict(checkpoint.get("hyper_parameters") or {})
+    for name, value in resume_flags(args).items():
+        if name in saved and saved[name] != value:
+            flag = "--" + name.replace("_", "-")
+            fix = f"pass {flag} {saved[name]}" if saved[name] is not None else f"leave out {flag}"
+            raise SystemExit(
+                f"error: argument {flag}: expected the value the checkpoint {path} was trained with"
+                f" ({_shown(saved[name])}), got {_shown(value)}; {fix} to resume it, or leave out --resume to"
+                " start a new run"
+            )
+    return step
+
+
+def _shown(value: Any) -> str:
+    return "none" if value is None else str(value)
+
+
+def resume_command(args: argparse.Namespace) -> str:
+    """The command that resumes this run from ``last.ckpt`` in its ``--checkpoint-dir``: its flags, ``--resume last``.
+
+    >>> parser = argparse.ArgumentParser()
+    >>> add_arguments(parser)
+    >>> resume_command(parser.parse_args(["--lanes", "8", "--checkpoint-dir", "runs/a b"]))
+    "lightning-tbptt demo --lanes 8 --checkpoint-dir 'runs/a b' --resume last"
+    """
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = ["lightning-tbptt", "demo"]
+    for name, default in vars(parser.parse_args([])).items():
+        value = getattr(args, name)
+        if name != "resume" and value != default:
+            words += ["--" + name.replace("_", "-"), str(value)]
+    return shlex.join([*words, "--resume", "last"])
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Train and validate as the flags say, print the report and return its numbers."""
+    """Train and validate as the flags say, print the report and return its numbers.
+
+    Raises:
+        SystemExit: with status 130 where Ctrl-C stopped the run, after printing how to resume it.
+    """
     resume = _check(args)
+    resumed_step = None if resume is None else _check_checkpoint(args, resume)
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        with tempfile.TemporaryDirectory(prefix="lightning-tbptt-demo-") as folder:
+            return _run(args, resume, resumed_step, Path(folder))
+    finally:
+        # Lightning 2.4 and later ignore Ctrl-C after handling a `KeyboardInterrupt`: leave the process as it was
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
+
+
+def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None, folder: Path) -> dict[str, Any]:
+    # Lightning before 2.3 warns of every resume in the middle of an epoch, whatever the dataloader; the callback and
+    # `LaneDataModule` resume exactly there (tested), so the warning is wrong here
+    warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended\\. This")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
     # `LaneDataModule` resumes its stream itself, at the batch the callback restores (Lightning cannot know)
@@ -312,8 +503,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(args.seed)
     started = time.perf_counter()
 
-    folder = tempfile.TemporaryDirectory(prefix="lightning-tbptt-demo-")
-    train_path, val_path = Path(folder.name) / "train.npy", Path(folder.name) / "val.npy"
+    train_path, val_path = folder / "train.npy", folder / "val.npy"
     corpus, num_files, root = stdlib_sources(args.chars)
     entropy = unigram_entropy(corpus)
     split = len(corpus) - args.held_out
@@ -340,9 +530,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.burn_in,
         refresh_rate=1 if sys.stdout.isatty() else 8,  # fewer lines in a log file
     )
-    callbacks: list[pl.Callback] = [tbptt, history, bar]
+    save = None
     if args.checkpoint_dir is not None:
-        callbacks.append(SaveLast(args.checkpoint_dir))
+        last = args.checkpoint_dir / "last.ckpt"
+        save = SaveLast(args.checkpoint_dir, resume_flags(args), resumed_step if resume == str(last) else None)
+    ctrl_c = CtrlC(save)
+    callbacks: list[pl.Callback] = [tbptt, history, bar, *([save] if save else []), ctrl_c]
     trainer = pl.Trainer(
         max_steps=args.max_steps,
         max_epochs=-1,
@@ -373,26 +566,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f"model: LSTM {args.hidden_size} units, {sum(p.numel() for p in model.parameters()):,} parameters; TBPTT"
         f" segments of {args.segment_length} characters{window}, state carried across batches"
     )
+    if resumed_step is not None and resumed_step >= args.max_steps:
+        say(
+            f"checkpoint: {resume} already holds step {resumed_step}, at or beyond --max-steps {args.max_steps}:"
+            f" nothing to train; its results follow (pass a --max-steps above {resumed_step} to train on)"
+        )
 
     if resume is None:
         history.before = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
         say(f"held-out bits per character before training: {history.before:.3f}")
-    trainer.fit(model, datamodule=data, ckpt_path=resume)
+    # Lightning 2.6 and later take `weights_only` (left out, torch 2.4 and 2.5 warn that it will change)
+    options = {"weights_only": True} if resume and "weights_only" in inspect.signature(trainer.fit).parameters else {}
+    try:
+        trainer.fit(model, datamodule=data, ckpt_path=resume, **options)
+    except Stopped:
+        pass
+    except SystemExit:
+        if ctrl_c.interrupted_at is None:
+            raise  # Lightning 2.4 and later exit after handling a KeyboardInterrupt; earlier releases return
+    if ctrl_c.stopped_at is not None or ctrl_c.interrupted_at is not None:
+        _report_table(say, history.before, history.rows)
+        say(_stop_message(args, ctrl_c))
+        raise SystemExit(130)  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
     rows = list(history.rows)
     if not rows or rows[-1][0] != trainer.global_step:
         final = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
         rows.append((trainer.global_step, history.characters, final))
     seconds = time.perf_counter() - started
     peak_mib = _peak_rss_mib()
-    folder.cleanup()
 
     before, after = history.before, rows[-1][2]
-    say("\nheld-out bits per character:")
-    say(f"  {'optimizer step':>14}  {'characters read':>15}  {'bits/char':>9}")
-    if before is not None:
-        say(f"  {0:>14}  {0:>15,}  {before:>9.3f}")
-    for step, characters, bpc in rows:
-        say(f"  {step:>14}  {characters:>15,}  {bpc:>9.3f}")
+    _report_table(say, before, rows)
     say(f"unigram entropy of the corpus: {entropy:.3f} bits per character")
     first = before if before is not None else rows[0][2]
     below = (
@@ -414,17 +618,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"checkpoint: {args.checkpoint_dir / 'last.ckpt'} (step {trainer.global_step}); go on with --resume last"
             " and a larger --max-steps"
         )
+    trained = bar.trained_batches()
     return {
         "before": before,
         "history": rows,
         "after": after,
         "unigram_entropy": entropy,
         "global_step": trainer.global_step,
-        "batches": bar.train_progress_bar.n if bar.train_progress_bar is not None else None,
-        "planned_batches": bar.train_progress_bar.total if bar.train_progress_bar is not None else None,
+        "batches": None if trained is None else trained[0],
+        "planned_batches": None if trained is None else trained[1],
         "peak_mib": peak_mib,
         "seconds": seconds,
     }
+
+
+def _report_table(say: Any, before: float | None, rows: list[tuple[int, int, float]]) -> None:
+    say("\nheld-out bits per character:")
+    say(f"  {'optimizer step':>14}  {'characters read':>15}  {'bits/char':>9}")
+    if before is not None:
+        say(f"  {0:>14}  {0:>15,}  {before:>9.3f}")
+    for step, characters, bpc in rows:
+        say(f"  {step:>14}  {characters:>15,}  {bpc:>9.3f}")
+
+
+def _stop_message(args: argparse.Namespace, ctrl_c: CtrlC) -> str:
+    """What Ctrl-C left behind and the command that goes on from it."""
+    save = ctrl_c.save
+    if ctrl_c.stopped_at is not None:
+        stopped = f"stopped by Ctrl-C at step {ctrl_c.stopped_at}, between two batches"
+        if save is None:
+            return f"{stopped}; nothing saved: no --checkpoint-dir was given (pass one to be able to resume a run)"
+        return f"{stopped}; saved {save.path} (step {save.saved_step}); go on with:\n  {resume_command(args)}"
+    stopped = (
+        f"stopped at once by a second Ctrl-C (KeyboardInterrupt) at step {ctrl_c.interrupted_at}, inside a batch;"
+        " nothing saved (a checkpoint from inside a batch does not resume exactly)"
+    )
+    if save is None:
+        return f"{stopped}; no --checkpoint-dir was given"
+    if save.saved_step is None:
+        return f"{stopped}; this run saved no checkpoint before it: run the same command again"
+    return f"{stopped}; {save.path} holds step {save.saved_step}; go on from there with:\n  {resume_command(args)}"
 
 
 def _devices(value: str) -> int | str:

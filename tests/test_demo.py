@@ -3,8 +3,13 @@
 import ast
 import itertools
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -207,3 +212,212 @@ def test_the_demo_page_states_the_defaults_and_a_real_run():
     assert result is not None  # the output of a real default run, not a placeholder
     assert int(result[2]) == defaults["--max-steps"]
     assert float(result[1]) < float(result[3])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resuming a completed run, flags that differ from the checkpoint, Ctrl-C (issue 13, item 6); warnings (item 11)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """A whole run of 24 steps (6 batches) with checkpoints: its result and its final parameters."""
+    directory = tmp_path_factory.mktemp("uninterrupted")
+    result = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={directory}")
+    return result, torch.load(directory / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def assert_same_parameters(path, expected):
+    saved = torch.load(path, weights_only=True)
+    assert saved["global_step"] == 24
+    assert saved["state_dict"].keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(saved["state_dict"][name], value), name
+
+
+def test_resuming_a_completed_run_reports_it_and_exits_cleanly(tmp_path, capsys):
+    completed = run("--max-steps=12", "--val-every=2", f"--checkpoint-dir={tmp_path}")
+    capsys.readouterr()
+    for max_steps in (12, 8):  # at the checkpoint's step, and below it
+        result = run(f"--max-steps={max_steps}", "--val-every=2", f"--checkpoint-dir={tmp_path}", "--resume=last")
+        out = capsys.readouterr().out
+        assert (
+            f"checkpoint: {tmp_path / 'last.ckpt'} already holds step 12, at or beyond --max-steps {max_steps}:"
+            " nothing to train; its results follow (pass a --max-steps above 12 to train on)"
+        ) in out
+        assert result["global_step"] == 12
+        assert result["history"] == completed["history"]  # the validations at steps 8 and 12
+        assert [step for step, _, _ in result["history"]] == [8, 12]
+        assert result["batches"] is None  # no batch trained
+        assert "held-out" in out and "after 12 steps" in out
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 12  # not written again
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("checkpoint")
+    run("--max-steps=8", "--val-every=1", f"--checkpoint-dir={directory}")
+    return directory / "last.ckpt"
+
+
+DIFFERENT_FLAGS = [
+    ("--lanes=8", "4", "pass --lanes 4"),  # failed with a BatchError after the fit had started
+    ("--eval-lanes=2", "4", "pass --eval-lanes 4"),
+    ("--chars=150000", "200000", "pass --chars 200000"),
+    ("--held-out=9000", "8000", "pass --held-out 8000"),
+    ("--batch-steps=32", "64", "pass --batch-steps 64"),
+    ("--segment-length=8", "16", "pass --segment-length 16"),  # trained on with other settings, warned
+    ("--stride=8", "none", "leave out --stride"),
+    ("--burn-in=4", "0", "pass --burn-in 0"),
+    ("--hidden-size=8", "16", "pass --hidden-size 16"),  # failed loading the parameters
+    ("--embedding-size=4", "8", "pass --embedding-size 8"),
+    ("--lr=0.02", "0.01", "pass --lr 0.01"),  # silently trained on with the checkpoint's learning rate
+]
+
+
+@pytest.mark.parametrize(("flag", "saved", "fix"), DIFFERENT_FLAGS, ids=[flag for flag, _, _ in DIFFERENT_FLAGS])
+def test_resume_refuses_flags_that_differ_from_the_checkpoint(checkpoint, flag, saved, fix):
+    name, value = flag.split("=")
+    message = (
+        f"error: argument {name}: expected the value the checkpoint {checkpoint} was trained with ({saved}), got"
+        f" {value}; {fix} to resume it, or leave out --resume to start a new run"
+    )
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        run("--max-steps=16", flag, f"--resume={checkpoint}")
+
+
+def test_resume_checks_the_model_flags_of_a_checkpoint_saved_without_the_flags(checkpoint, tmp_path):
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved[demo.FLAGS_KEY]  # as the demo saved checkpoints before it kept its flags
+    torch.save(saved, tmp_path / "old.ckpt")
+    with pytest.raises(SystemExit, match=r"argument --hidden-size: expected .* \(16\), got 32; pass --hidden-size 16"):
+        run("--max-steps=16", "--hidden-size=32", f"--resume={tmp_path / 'old.ckpt'}")
+
+
+def test_resume_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "notes.ckpt").write_text("not a checkpoint")
+    with pytest.raises(SystemExit, match=r"argument --resume: cannot read .*notes.ckpt as a checkpoint \("):
+        run(f"--resume={tmp_path / 'notes.ckpt'}")
+
+
+def interrupt_at(monkeypatch, step, interrupt):
+    """Make the demo's model call ``interrupt()`` in the segment that takes optimizer step ``step`` (from 0)."""
+    training_step = demo.CharLM.training_step
+
+    def interrupted(self, batch, batch_idx):
+        if self.trainer.global_step == step:
+            interrupt()
+        return training_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(demo.CharLM, "training_step", interrupted)
+    return training_step
+
+
+def resume_with_the_printed_command(out):
+    (command,) = [line.strip() for line in out.splitlines() if line.startswith("  lightning-tbptt demo ")]
+    words = shlex.split(command)
+    assert words[:2] == ["lightning-tbptt", "demo"] and words[-2:] == ["--resume", "last"]
+    main(words[1:])
+
+
+def test_ctrl_c_stops_after_the_batch_saves_and_prints_the_resume_command(tmp_path, capsys, monkeypatch, uninterrupted):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    handler = signal.getsignal(signal.SIGINT)
+    # a real SIGINT, as Ctrl-C sends, in the third segment of the fifth batch (steps 16 to 19)
+    training_step = interrupt_at(monkeypatch, 18, lambda: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit) as stopped, warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor does stopping warn
+        run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'run'}")
+    assert stopped.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is given back
+    assert list((tmp_path / "tmp").iterdir()) == []  # the corpus files are removed
+    captured = capsys.readouterr()
+    assert "Ctrl-C: stopping after this batch" in captured.err
+    assert f"stopped by Ctrl-C at step 20, between two batches; saved {tmp_path / 'run' / 'last.ckpt'} (step 20)" in (
+        captured.out
+    )
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 20  # the batch finished: the state between two batches
+    monkeypatch.setattr(demo.CharLM, "training_step", training_step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        resume_with_the_printed_command(captured.out)
+    assert_same_parameters(tmp_path / "run" / "last.ckpt", uninterrupted[1])
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_nothing(tmp_path, capsys, monkeypatch, uninterrupted):
+    handler = signal.getsignal(signal.SIGINT)
+
+    def keyboard_interrupt():
+        raise KeyboardInterrupt
+
+    training_step = interrupt_at(monkeypatch, 18, keyboard_interrupt)
+    with pytest.raises(SystemExit) as stopped:
+        run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path}")
+    assert stopped.value.code == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # also where Lightning set it to be ignored
+    out = capsys.readouterr().out
+    assert (
+        "stopped at once by a second Ctrl-C (KeyboardInterrupt) at step 18, inside a batch; nothing saved (a"
+        f" checkpoint from inside a batch does not resume exactly); {tmp_path / 'last.ckpt'} holds step 16;"
+    ) in out
+    assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 16  # the last validation's
+    monkeypatch.setattr(demo.CharLM, "training_step", training_step)
+    resume_with_the_printed_command(out)
+    assert_same_parameters(tmp_path / "last.ckpt", uninterrupted[1])
+
+
+def test_ctrl_c_without_a_checkpoint_dir_says_that_nothing_was_saved(capsys, monkeypatch):
+    interrupt_at(monkeypatch, 5, lambda: signal.raise_signal(signal.SIGINT))
+    with pytest.raises(SystemExit, match="130"):
+        run("--max-steps=24", "--val-every=2")
+    out = capsys.readouterr().out
+    assert (
+        "stopped by Ctrl-C at step 8, between two batches; nothing saved: no --checkpoint-dir was given (pass one to"
+        " be able to resume a run)"
+    ) in out
+
+
+def test_resume_command_repeats_the_flags_of_the_run():
+    args = build_parser().parse_args([*TINY, "--max-steps=24", "--stride=8", "--checkpoint-dir=runs/a b"])
+    words = shlex.split(demo.resume_command(args))
+    again = build_parser().parse_args(words[1:])
+    assert vars(again) == {**vars(args), "resume": "last"}
+
+
+def test_a_run_with_checkpoints_and_resumes_warns_of_nothing(tmp_path):
+    # e.g. torch 2.4 and 2.5 answer every `torch.load` without `weights_only` with a FutureWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run("--max-steps=8", "--val-every=1", f"--checkpoint-dir={tmp_path}")
+        run("--max-steps=12", "--val-every=1", f"--checkpoint-dir={tmp_path}", "--resume=last")
+        run("--max-steps=12", "--val-every=1", f"--checkpoint-dir={tmp_path}", "--resume=last")
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_run_resumes_to_the_parameters_of_an_uninterrupted_run(tmp_path):
+    """A real `lightning-tbptt demo` process and a real SIGINT, at whatever point of the fit it arrives."""
+    flags = ["--max-steps=160", "--val-every=2"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lightning_tbptt", *TINY, *flags, f"--checkpoint-dir={tmp_path / 'cut'}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (tmp_path / "cut" / "last.ckpt").exists() and process.poll() is None:
+        time.sleep(0.05)  # the first validation's checkpoint: the fit runs
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    stopped = re.search(r"stopped by Ctrl-C at step (\d+), between two batches; saved (.*) \(step (\d+)\)", out)
+    assert stopped is not None, out
+    assert int(stopped[1]) == int(stopped[3]) and 0 < int(stopped[1]) < 160 and int(stopped[1]) % 4 == 0
+    assert torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)["global_step"] == int(stopped[1])
+    resume_with_the_printed_command(out)
+    run(*flags, f"--checkpoint-dir={tmp_path / 'whole'}")
+    whole = torch.load(tmp_path / "whole" / "last.ckpt", weights_only=True)
+    resumed = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
+    assert resumed["global_step"] == whole["global_step"] == 160
+    for name, value in whole["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
