@@ -31,6 +31,7 @@ from lightning_tbptt._lightning_internals import (
     resume_reruns_last_batch,
     set_log_weight,
 )
+from lightning_tbptt.checkpoint import check_carried, check_entry
 from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.lengths import LengthsLocation, LengthsSpec
@@ -602,14 +603,7 @@ class TBPTTCallback(CallbackBase):
                 f" is in format {version!r}, written by a newer release of lightning-tbptt. Upgrade lightning-tbptt to"
                 " resume from it."
             )
-        missing = [key for key in ("epoch", "batches_done") if not isinstance(state_dict.get(key), int)]
-        if missing:
-            raise ConfigurationError(
-                f"Expected the checkpoint's `TBPTTCallback` entry to hold the integers {missing} but it holds"
-                f" {sorted(state_dict)}: it was edited or written by other code. Resume from a checkpoint as"
-                " `Trainer.save_checkpoint` wrote it, or delete the entry from `checkpoint['callbacks']` to resume"
-                " without the callback's state."
-            )
+        check_entry(state_dict)
         self._restored = dict(state_dict)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -1126,6 +1120,7 @@ class TBPTTCallback(CallbackBase):
                 f" {sorted(carrier.modules)} but it holds the state of {missing}. Resume with the model (and"
                 " `recurrent_modules`/`exclude_modules`) the checkpoint was saved with."
             )
+        check_carried(carried, carrier.modules)
         carrier.restore(_TRAIN, apply_to_collection(carried, Tensor, lambda t: t.to(device)))
         if restored.get("lanes"):
             self._lanes[_TRAIN] = int(restored["lanes"])

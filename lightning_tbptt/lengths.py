@@ -141,6 +141,12 @@ class LengthsLocation:
         if isinstance(key, str) and is_namedtuple(container):
             return container._replace(**{key: new})
         if isinstance(key, str) and is_dataclass_instance(container):
+            if container.__dataclass_params__.frozen:
+                raise BatchError(
+                    f"Expected the {type(container).__name__} holding {self.argument} at {self.describe()} to be a"
+                    " dataclass the segments' values can be written into but it is frozen (Lightning cannot move"
+                    " frozen dataclasses to a device either). Drop `frozen=True`, or collate the batch as a dict."
+                )
             # as Lightning's own `apply_to_collection` does: copy and set, without re-running `__init__`
             shallow_dataclass: Any = copy.copy(container)
             setattr(shallow_dataclass, key, new)

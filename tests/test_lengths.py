@@ -49,6 +49,21 @@ def test_get_and_replace_keep_the_container_types(spec, batch, read_back):
     assert read_back(batch) is LENGTHS, "the original batch is not modified"
 
 
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    x: torch.Tensor
+    lengths: torch.Tensor
+
+
+def test_a_frozen_dataclass_is_refused_by_name():
+    where = LengthsLocation("lengths")
+    assert where.get(Frozen(X, LENGTHS)) is LENGTHS
+    with pytest.raises(
+        BatchError, match=r"Expected the Frozen holding lengths at batch\['lengths'\] to be a dataclass"
+    ):
+        where.replace(Frozen(X, LENGTHS), None)
+
+
 def test_callable_lengths_are_read_only():
     batch = {"x": X, "n": LENGTHS}
     where = LengthsLocation(lambda b: b["n"])

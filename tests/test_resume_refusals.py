@@ -71,14 +71,41 @@ def test_resuming_with_other_settings_warns_and_names_them(tmp_path, uninterrupt
         resume(tmp_path, checkpoint(directory, "epoch=0-step=6"), TBPTTCallback(4, streaming=True, resets="starts"))
 
 
+EDITED = "Expected the checkpoint's `TBPTTCallback` entry to hold "
+CARRIED = r"`carried` as a dict of module names to states \(tensors, or tuples of them\) "
+
+
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
-        (lambda entry: entry.pop("batches_done"), r"to hold the integers \['batches_done'\] but it holds \['accum"),
-        (lambda entry: entry.update(epoch="0"), r"to hold the integers \['epoch'\]"),
+        (lambda entry: entry.pop("batches_done"), EDITED + r"`batches_done` as an integer >= 0 \(it has none\)\. It"),
+        (lambda entry: entry.update(epoch="0"), EDITED + r"`epoch` as an integer >= 0 \(it holds '0'\)\. It was"),
+        (lambda entry: entry.update(batches_done=-1), EDITED + r"`batches_done` as an integer >= 0 \(it holds -1\)"),
+        (lambda entry: entry.pop("mid_epoch"), EDITED + r"`mid_epoch` as True or False \(it has none\)"),
+        (lambda entry: entry.pop("streaming"), EDITED + r"`streaming` as True or False \(it has none\)"),
+        (lambda entry: entry.update(accumulated="x"), EDITED + r"`accumulated` as an integer >= 0 \(it holds 'x'\)"),
+        (lambda entry: entry.pop("carried"), EDITED + CARRIED + r"\(it has none\)"),
+        (lambda entry: entry.update(carried="junk"), EDITED + CARRIED + r"\(it holds 'junk'\)"),
+        (lambda entry: entry.update(carried={"rnn": "junk"}), EDITED + CARRIED + r"\(it holds \{'rnn': 'junk'\}\)"),
+        (
+            lambda entry: entry["carried"].update(rnn=entry["carried"]["rnn"][:1]),
+            r"carried state of `rnn` \(LSTM\) to be a tuple of 2 tensors of 3 dimensions but it holds \[\(1, 4, 8\)\]",
+        ),
         (lambda entry: entry.update(version=2), r"to be in format 1 or older but it is in format 2, written by a"),
     ],
-    ids=["missing-key", "wrong-type", "newer-format"],
+    ids=[
+        "missing-key",
+        "wrong-type",
+        "negative",
+        "no-mid-epoch",
+        "no-streaming",
+        "accumulated",
+        "no-carried",
+        "carried-not-a-dict",
+        "state-not-a-tensor",
+        "state-too-short",
+        "newer-format",
+    ],
 )
 def test_an_edited_or_newer_entry_is_refused_with_what_is_wrong(tmp_path, uninterrupted, edit, match):
     _, directory, _ = uninterrupted
