@@ -304,8 +304,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resume = _check(args)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
-    # `LaneDataModule` resumes its stream itself, at the batch the callback restores (Lightning cannot know)
-    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.* is deprecated")  # Lightning on newer torch
     if args.threads is not None:
         torch.set_num_threads(args.threads)
