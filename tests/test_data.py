@@ -518,6 +518,14 @@ class SavesAfterValidation(Callback):
             trainer.save_checkpoint(self.directory / f"validated-step={trainer.global_step}.ckpt")
 
 
+class SavesAtEpochEnd(Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.directory / f"epoch-end-step={trainer.global_step}.ckpt")
+
+
 def fit_lm(root, ckpt_path=None, callbacks=(), steps=32, **kwargs):
     """A fit of two epochs of 4 batches (32, 32, 32 and 14 steps), one optimizer step per batch, without TBPTT."""
     torch.manual_seed(0)
@@ -534,7 +542,10 @@ def lm_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
     every_batch = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
     model, trainer = fit_lm(
-        root, callbacks=[every_batch, SavesAfterValidation(root)], enable_checkpointing=True, val_check_interval=2
+        root,
+        callbacks=[every_batch, SavesAfterValidation(root), SavesAtEpochEnd(root)],
+        enable_checkpointing=True,
+        val_check_interval=2,
     )
     assert trainer.global_step == 8
     return model, root
@@ -549,8 +560,16 @@ def quietly_resume(root, ckpt_path, **kwargs):
 
 @pytest.mark.parametrize(
     "name",
-    ["step=1", "step=3", "step=4", "step=6", "validated-step=2", "validated-step=6"],
-    ids=["mid-epoch-0", "before-last-batch", "last-batch", "mid-epoch-1", "after-validation-0", "after-validation-1"],
+    ["step=1", "step=3", "step=4", "step=6", "validated-step=2", "validated-step=6", "epoch-end-step=4"],
+    ids=[
+        "mid-epoch-0",
+        "before-last-batch",
+        "last-batch",
+        "mid-epoch-1",
+        "after-validation-0",
+        "after-validation-1",
+        "epoch-end",
+    ],
 )
 def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run_without_any_callback(tmp_path, lm_checkpoints, name):
     uninterrupted, root = lm_checkpoints
@@ -558,6 +577,18 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run_without_any_cal
     assert trainer.global_step == 8
     done = int(name.split("=")[1])
     assert_inputs_equal(resumed.seen["train"], uninterrupted.seen["train"][done:])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["step=3", "step=4", "step=6"], ids=["before-last-batch", "last-batch", "mid-epoch-1"])
+def test_a_checkpoint_without_loader_state_resumes_from_the_restored_progress(tmp_path, lm_checkpoints, name):
+    """As a checkpoint of Lightning 2.1 or of an older release of the library: no `combined_loader` entry."""
+    uninterrupted, root = lm_checkpoints
+    checkpoint = torch.load(root / f"{name}.ckpt", weights_only=True)
+    checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader", None)
+    torch.save(checkpoint, tmp_path / "without.ckpt")
+    resumed, _ = quietly_resume(tmp_path, tmp_path / "without.ckpt")
+    assert_inputs_equal(resumed.seen["train"], uninterrupted.seen["train"][int(name.split("=")[1]) :])
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters(), strict=True))
 
 
