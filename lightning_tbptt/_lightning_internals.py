@@ -13,7 +13,10 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
 * ``Trainer._results.batch_size`` — the batch size by which ``self.log(..., on_epoch=True)`` weights a value; set per
   segment to its number of valid time steps, and back to ``None`` (Lightning infers it from the batch) afterwards;
 * ``Trainer.fit_loop.epoch_loop.batch_progress`` (``current.processed``, ``current.completed``,
-  ``increment_completed()``) — corrected on resume before Lightning 2.5 (:func:`complete_batch_saved_at_batch_end`);
+  ``increment_completed()``) — corrected on resume before Lightning 2.5 (:func:`complete_batch_saved_at_batch_end`),
+  and read, with ``Trainer.fit_loop.epoch_progress`` (``current.ready``, ``current.started``, ``current.processed``),
+  for the batches of the epoch in progress that a checkpoint taken now has trained (:func:`batches_done_in_epoch`),
+  which :class:`~lightning_tbptt.data.LaneDataModule`'s training loader saves and resumes from;
 * ``<namespace>.trainer.call._call_strategy_hook(trainer, "training_step", ...)`` — how Lightning calls
   ``training_step`` (the hook name that ``self.log`` checks, the profiler); used for burn-in steps, which run
   ``training_step`` outside the optimisation path;
@@ -76,12 +79,14 @@ def resume_reruns_last_batch(trainer: "pl.Trainer") -> bool:
 
 
 _REQUIRED = {
+    "fit_loop": ("epoch_loop", "epoch_progress"),
     "epoch_loop": (
         "automatic_optimization",
         "manual_optimization",
         "_should_accumulate",
         "_batches_that_stepped",
         "max_steps",
+        "batch_progress",
     ),
     "automatic_optimization": (
         "run",
@@ -97,14 +102,29 @@ _REQUIRED = {
 
 
 def _owners(trainer: "pl.Trainer") -> dict[str, Any]:
-    epoch_loop = trainer.fit_loop.epoch_loop
+    fit_loop = getattr(trainer, "fit_loop", None)
+    epoch_loop = getattr(fit_loop, "epoch_loop", None)
     return {
+        "fit_loop": fit_loop,
         "epoch_loop": epoch_loop,
         "automatic_optimization": getattr(epoch_loop, "automatic_optimization", None),
         "manual_optimization": getattr(epoch_loop, "manual_optimization", None),
         "trainer": trainer,
         "logger_connector": getattr(trainer, "_logger_connector", None),
     }
+
+
+def check_supported(trainer: "pl.Trainer", required: dict[str, tuple[str, ...]]) -> None:
+    """Raise ``ConfigurationError`` if the loop objects of ``trainer`` lack a name of ``required`` (by owner)."""
+    objects = _owners(trainer)
+    for owner, names in required.items():
+        missing = [name for name in names if not hasattr(objects[owner], name)]
+        if missing:
+            raise ConfigurationError(
+                f"Expected Lightning 2.1 to 2.6 but got version {lightning_version(trainer)}, whose training loop"
+                f" has no `{owner}.{missing[0]}`. Install a supported release, e.g."
+                " `pip install 'pytorch-lightning>=2.1,<2.7'` (or `lightning`)."
+            )
 
 
 @dataclass
@@ -143,16 +163,8 @@ class TrainingLoopPatch:
     """
 
     def __init__(self, trainer: "pl.Trainer", run_batch: RunBatch, step_logging: "StepLogging | None" = None) -> None:
+        check_supported(trainer, _REQUIRED)
         epoch_loop = trainer.fit_loop.epoch_loop
-        objects = _owners(trainer)
-        for owner, names in _REQUIRED.items():
-            missing = [name for name in names if not hasattr(objects[owner], name)]
-            if missing:
-                raise ConfigurationError(
-                    f"Expected Lightning 2.1 to 2.6 but got version {lightning_version(trainer)}, whose training loop"
-                    f" has no `{owner}.{missing[0]}`. Install a supported release, e.g."
-                    " `pip install 'pytorch-lightning>=2.1,<2.7'` (or `lightning`)."
-                )
         self._trainer = trainer
         self._epoch_loop = epoch_loop
         self._automatic = epoch_loop.automatic_optimization
@@ -443,6 +455,21 @@ def batches_started_in_epoch(trainer: "pl.Trainer") -> int:
     """The batches of the current epoch the training loop has started, as restored from a checkpoint."""
     current: Any = trainer.fit_loop.epoch_loop.batch_progress.current
     return int(current.processed)
+
+
+def batches_done_in_epoch(trainer: "pl.Trainer") -> int:
+    """The batches of the training epoch in progress that a checkpoint taken now has trained; 0 between epochs.
+
+    Read from the loop's progress, so it is the same whether the checkpoint is taken at the end of a batch, after a
+    validation run in the middle of the epoch or (a batch interrupted) inside a batch, and, read on resume before the
+    loop runs, it is what the checkpoint being resumed holds. An epoch that ended, also one that ``max_steps``
+    stopped early, counts as finished: none of it is in progress.
+    """
+    check_supported(trainer, {"fit_loop": ("epoch_loop", "epoch_progress"), "epoch_loop": ("batch_progress",)})
+    epoch: Any = trainer.fit_loop.epoch_progress.current
+    if epoch.ready == epoch.processed and epoch.started == epoch.processed:
+        return 0
+    return batches_started_in_epoch(trainer)
 
 
 def call_training_step(trainer: "pl.Trainer", kwargs: "OrderedDict[str, Any]") -> Any:

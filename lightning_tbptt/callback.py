@@ -369,8 +369,9 @@ class TBPTTCallback(CallbackBase):
         """How many batches of the current training epoch the checkpoint being resumed had already trained.
 
         0 unless a fit resumes from a checkpoint saved in the middle of an epoch. A data pipeline that streams lanes
-        (e.g. :class:`~lightning_tbptt.data.LaneDataModule`) starts its next training iteration at this batch, so
-        that the carried state and the data line up exactly as in an uninterrupted run.
+        starts its next training iteration at this batch, so that the carried state and the data line up exactly as
+        in an uninterrupted run. (:class:`~lightning_tbptt.data.LaneDataModule` does not need it: its training
+        loader saves and restores its position itself.)
         """
         restored = self._restored
         if restored is None:

@@ -50,6 +50,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from typing_extensions import override
 
+from lightning_tbptt._lightning_internals import batches_done_in_epoch, resume_reruns_last_batch
 from lightning_tbptt.errors import BatchError, ConfigurationError
 from lightning_tbptt.namespaces import DataModuleBase, TrainerDefault, default_hook
 
@@ -512,6 +513,89 @@ class _LaneLoader(DataLoader[Batch]):
         return iterator
 
 
+_POSITION_FORMAT = 1  # the format of the training loader's `state_dict`
+
+
+def _epoch_batches(limit: int | float, num_batches: int) -> int:
+    """The batches Lightning runs per epoch of a loader of ``num_batches``, given ``Trainer.limit_train_batches``."""
+    if isinstance(limit, int):
+        return min(num_batches, limit)
+    return int(num_batches * limit)
+
+
+def _start_batch(batches_done: int, epoch_batches: int, reruns_last_batch: bool) -> int:
+    """Where the stream resumes, given the batches of the epoch a checkpoint had trained and those of the epoch.
+
+    In the middle of an epoch, after the batches done. After the epoch's last batch, Lightning 2.5 and newer start the
+    next epoch from the iterator made when resuming, which must then start at 0; older releases run the finished
+    epoch's last batch index once more, which must get no data (the next epoch makes a new iterator).
+
+    Example:
+        >>> _start_batch(2, 6, reruns_last_batch=False), _start_batch(6, 6, False), _start_batch(6, 6, True)
+        (2, 0, 6)
+
+    """
+    if batches_done < epoch_batches or reruns_last_batch:
+        return batches_done
+    return 0
+
+
+class _TrainingLoader(_LaneLoader):
+    """The training loader: its ``state_dict`` is the position in the epoch, which Lightning saves and restores.
+
+    Lightning (2.2 and newer) saves the ``state_dict`` of a training loader that has one in every checkpoint of a fit,
+    and on resume calls ``load_state_dict`` after ``train_dataloader()`` and before iterating the loader.
+    """
+
+    def __init__(self, dataset: LaneStream, *, datamodule: "LaneDataModule", **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self.datamodule = datamodule
+
+    def _trainer(self, action: str) -> Any:
+        trainer = self.datamodule.trainer
+        if trainer is None:
+            raise ConfigurationError(
+                f"Expected the training loader of `LaneDataModule` to belong to a `Trainer` to {action} its position"
+                " (read from the fit's progress) but its data module has no `trainer`. Outside a `Trainer`, set"
+                " `LaneStream.start_batch` yourself."
+            )
+        return trainer
+
+    def state_dict(self) -> dict[str, int]:
+        """The position of the training epoch in progress: the batches of it trained, and of the epoch and stream."""
+        trainer = self._trainer("save")
+        stream = self.dataset
+        assert isinstance(stream, LaneStream)
+        return {
+            "version": _POSITION_FORMAT,
+            "batches_done": batches_done_in_epoch(trainer),
+            "epoch_batches": int(trainer.num_training_batches),
+            "num_batches": stream.num_batches,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Start the next iteration of the stream where the checkpoint's epoch stands (see :func:`_start_batch`)."""
+        trainer = self._trainer("restore")
+        stream = self.dataset
+        assert isinstance(stream, LaneStream)
+        version = state_dict.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version > _POSITION_FORMAT:
+            raise ConfigurationError(
+                f"Expected the checkpoint's training loader state of `LaneDataModule` to be in format"
+                f" {_POSITION_FORMAT} or older but it is in format {version!r}, written by a newer release of"
+                " lightning-tbptt. Upgrade lightning-tbptt to resume from it."
+            )
+        saved = state_dict.get("num_batches")
+        if saved != stream.num_batches:
+            raise ConfigurationError(
+                f"Expected the training stream to have the {saved} batches per epoch of the checkpoint being resumed"
+                f" but it has {stream.num_batches}. Resume with the data, `lanes` and `steps` the checkpoint was"
+                " trained with."
+            )
+        done, epoch_batches = int(state_dict["batches_done"]), int(state_dict["epoch_batches"])
+        stream.start_batch = _start_batch(done, epoch_batches, resume_reruns_last_batch(trainer))
+
+
 class _NoData:
     """Stands for the dataloader method of a stage without data.
 
@@ -555,10 +639,14 @@ class LaneDataModule(DataModuleBase):
     A stage without sequences has no loader, as for a datamodule that does not define it: ``Trainer.fit`` then skips
     validation (with Lightning's warning), and calling e.g. ``val_dataloader()`` raises ``ConfigurationError``.
 
-    In ``setup``, each stream is built for ``Trainer.global_rank`` among ``Trainer.world_size`` processes. To resume in
-    the middle of an epoch, ``train_dataloader()`` starts the stream at the batch given by the first callback of the
-    Trainer with an integer attribute ``resume_batch`` (the batches of the current epoch already trained; 0
-    otherwise).
+    In ``setup``, each stream is built for ``Trainer.global_rank`` among ``Trainer.world_size`` processes.
+
+    The training loader is resumable: its ``state_dict`` is the position in the epoch in progress (the batches of it
+    trained, read from the fit's progress), which Lightning saves in every checkpoint of a fit and, on resume, gives
+    back to the loader's ``load_state_dict``, so a fit resumed in the middle of an epoch reads the batches that an
+    uninterrupted run would, with or without :class:`~lightning_tbptt.TBPTTCallback` (Lightning 2.2 and newer; with
+    Lightning 2.1, and for checkpoints that hold no loader state, ``train_dataloader()`` reads the same position from
+    the progress that the checkpoint restored).
 
     Raises:
         ConfigurationError: If an argument is invalid (the sequences are checked in ``setup``).
@@ -644,28 +732,32 @@ class LaneDataModule(DataModuleBase):
         pin_memory = self.pin_memory
         if pin_memory is None:
             pin_memory = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return _LaneLoader(self.streams[name], batch_size=None, num_workers=self.num_workers, pin_memory=pin_memory)
+        options: dict[str, Any] = {"batch_size": None, "num_workers": self.num_workers, "pin_memory": pin_memory}
+        if name == "train":
+            return _TrainingLoader(self.streams[name], datamodule=self, **options)
+        return _LaneLoader(self.streams[name], **options)
 
-    def _resume_batch(self) -> int:
-        callbacks: list[Any] = [] if self.trainer is None else self.trainer.callbacks  # type: ignore[attr-defined]
-        for callback in callbacks:
-            value = getattr(callback, "resume_batch", None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        return 0
+    def _resumed_start(self, stream: LaneStream) -> int:
+        """Where a resumed fit's epoch stands, read from the progress that the checkpoint restored (0: not resuming)."""
+        trainer = self.trainer
+        if trainer is None or trainer.ckpt_path is None:
+            return 0
+        done = batches_done_in_epoch(trainer)
+        if done > stream.num_batches:
+            raise ConfigurationError(
+                f"Expected the training stream to have at least the {done} batches of the epoch that the checkpoint"
+                f" being resumed had trained but it has {stream.num_batches} per epoch. Resume with the data, `lanes`"
+                " and `steps` the checkpoint was trained with."
+            )
+        epoch_batches = _epoch_batches(trainer.limit_train_batches, stream.num_batches)
+        return _start_batch(done, epoch_batches, resume_reruns_last_batch(trainer))
 
     @override
     def train_dataloader(self) -> DataLoader[Batch]:
-        """The training loader, starting at the ``resume_batch`` of a callback of the Trainer (if any)."""
+        """The training loader; resuming a fit, it starts where the checkpoint's epoch stands."""
         loader = self._loader("train")
         stream = self.streams["train"]
-        resume = self._resume_batch()
-        if not 0 <= resume <= stream.num_batches:
-            raise ConfigurationError(
-                f"Expected the callback's `resume_batch` to be from 0 to {stream.num_batches} (the training batches per"
-                f" epoch) but got {resume}. Resume with the data, `lanes` and `steps` the checkpoint was trained with."
-            )
-        stream.start_batch = resume
+        stream.start_batch = self._resumed_start(stream)
         return loader
 
     @override

@@ -495,8 +495,6 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
     warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended\\. This")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*IterableDataset.*__len__.*")
-    # `LaneDataModule` resumes its stream itself, at the batch the callback restores (Lightning cannot know)
-    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.* is deprecated")  # Lightning on newer torch
     if args.threads is not None:
         torch.set_num_threads(args.threads)

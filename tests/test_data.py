@@ -15,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
@@ -493,52 +494,148 @@ def test_a_stage_without_data_is_skipped_as_lightning_does(tmp_path):
         data.test_dataloader()
 
 
-class ResumeAt(Callback):
-    """Stands for the TBPTT callback: how many batches of the epoch were trained before the checkpoint."""
+class HasResumeBatch(Callback):
+    """A callback with an attribute named `resume_batch`, which the data module must not read."""
 
-    def __init__(self, resume_batch: int = 0) -> None:
-        self.resume_batch = resume_batch
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
-        self.resume_batch = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"]
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        self.resume_batch = 0
+    resume_batch = 2
 
 
-def test_a_callback_with_resume_batch_starts_the_training_loader_there(tmp_path):
+def test_the_training_loader_does_not_read_a_callback_attribute_named_resume_batch(tmp_path):
     data = LaneDataModule(TOKENS, lanes=4, steps=16, target_shift=1)
     model = TinyLM()
-    make_trainer(tmp_path, callbacks=[ResumeAt(2)]).fit(model, datamodule=data)
-    assert_inputs_equal(
-        model.seen["train"], inputs({"sequences": TOKENS, "lanes": 4, "steps": 16, "target_shift": 1})[2:]
+    make_trainer(tmp_path, callbacks=[HasResumeBatch()]).fit(model, datamodule=data)
+    assert_inputs_equal(model.seen["train"], inputs({"sequences": TOKENS, "lanes": 4, "steps": 16, "target_shift": 1}))
+
+
+class SavesAfterValidation(Callback):
+    """Saves a checkpoint after each validation run in the middle of an epoch, as `ModelCheckpoint` may do."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.directory / f"validated-step={trainer.global_step}.ckpt")
+
+
+class SavesAtEpochEnd(Callback):
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        trainer.save_checkpoint(self.directory / f"epoch-end-step={trainer.global_step}.ckpt")
+
+
+def fit_lm(root, ckpt_path=None, callbacks=(), steps=32, **kwargs):
+    """A fit of two epochs of 4 batches (32, 32, 32 and 14 steps), one optimizer step per batch, without TBPTT."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    data = LaneDataModule(TOKENS, TOKENS[:1], lanes=4, steps=steps, eval_lanes=1, target_shift=1)
+    trainer = make_trainer(root, max_epochs=2, callbacks=list(callbacks), **kwargs)
+    trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+    return model, trainer
+
+
+@pytest.fixture(scope="module")
+def lm_checkpoints(tmp_path_factory):
+    """An uninterrupted fit with a checkpoint after every batch and after every validation run (every 2 batches)."""
+    root = tmp_path_factory.mktemp("lm")
+    every_batch = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    model, trainer = fit_lm(
+        root,
+        callbacks=[every_batch, SavesAfterValidation(root), SavesAtEpochEnd(root)],
+        enable_checkpointing=True,
+        val_check_interval=2,
     )
+    assert trainer.global_step == 8
+    return model, root
 
 
-def test_resuming_mid_epoch_from_a_checkpoint_sees_the_batches_of_an_uninterrupted_run(tmp_path):
-    def fit(ckpt_path=None, **kwargs):
-        model = TinyLM()
-        data = LaneDataModule(TOKENS, lanes=4, steps=32, target_shift=1)
-        make_trainer(tmp_path, max_epochs=2, callbacks=[ResumeAt(), *kwargs.pop("callbacks", [])], **kwargs).fit(
-            model, datamodule=data, ckpt_path=ckpt_path
-        )
-        return model.seen["train"]
-
-    every_three = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    uninterrupted = fit(callbacks=[every_three], enable_checkpointing=True)
-    assert len(uninterrupted) == 2 * 4
+def quietly_resume(root, ckpt_path, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "You're resuming from a checkpoint that ended before the epoch ended")
         warnings.filterwarnings("ignore", "Be aware that when using `ckpt_path`")
-        resumed = fit(ckpt_path=tmp_path / "step=3.ckpt")
-    assert_inputs_equal(resumed, uninterrupted[3:])
+        return fit_lm(root, ckpt_path, val_check_interval=2, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["step=1", "step=3", "step=4", "step=6", "validated-step=2", "validated-step=6", "epoch-end-step=4"],
+    ids=[
+        "mid-epoch-0",
+        "before-last-batch",
+        "last-batch",
+        "mid-epoch-1",
+        "after-validation-0",
+        "after-validation-1",
+        "epoch-end",
+    ],
+)
+def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run_without_any_callback(tmp_path, lm_checkpoints, name):
+    uninterrupted, root = lm_checkpoints
+    resumed, trainer = quietly_resume(tmp_path, root / f"{name}.ckpt")
+    assert trainer.global_step == 8
+    done = int(name.split("=")[1])
+    assert_inputs_equal(resumed.seen["train"], uninterrupted.seen["train"][done:])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", ["step=3", "step=4", "step=6"], ids=["before-last-batch", "last-batch", "mid-epoch-1"])
+def test_a_checkpoint_without_loader_state_resumes_from_the_restored_progress(tmp_path, lm_checkpoints, name):
+    """As a checkpoint of Lightning 2.1 or of an older release of the library: no `combined_loader` entry."""
+    uninterrupted, root = lm_checkpoints
+    checkpoint = torch.load(root / f"{name}.ckpt", weights_only=True)
+    checkpoint["loops"]["fit_loop"]["state_dict"].pop("combined_loader", None)
+    torch.save(checkpoint, tmp_path / "without.ckpt")
+    resumed, _ = quietly_resume(tmp_path, tmp_path / "without.ckpt")
+    assert_inputs_equal(resumed.seen["train"], uninterrupted.seen["train"][int(name.split("=")[1]) :])
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), uninterrupted.parameters(), strict=True))
+
+
+def test_the_checkpoint_holds_the_position_of_the_training_loader(lm_checkpoints):
+    _, root = lm_checkpoints
+    loops = torch.load(root / "step=3.ckpt", weights_only=True)["loops"]["fit_loop"]
+    if Version(pl.__version__) < Version("2.2"):
+        assert "combined_loader" not in loops["state_dict"], "Lightning 2.1 saves no loader state"
+    else:
+        assert loops["state_dict"]["combined_loader"] == [
+            {"version": 1, "batches_done": 3, "epoch_batches": 4, "num_batches": 4}
+        ]
+
+
+@pytest.mark.skipif(Version(pl.__version__) < Version("2.3"), reason="Lightning 2.3 added the warning")
+def test_resuming_mid_epoch_does_not_warn_that_the_loader_is_not_resumable(tmp_path, lm_checkpoints):
+    _, root = lm_checkpoints
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit_lm(tmp_path, root / "step=3.ckpt")  # global step 3 of 4 per epoch: Lightning checks the loader
+    messages = [str(warning.message) for warning in caught]
+    assert not [message for message in messages if "not resumable" in message], messages
+
+
+def test_resuming_with_fewer_batches_per_epoch_than_the_checkpoint_trained_is_an_error(tmp_path, lm_checkpoints):
+    _, root = lm_checkpoints
+    with pytest.raises(
+        ConfigurationError,
+        match=r"Expected the training stream to have (the 4 batches per epoch of the checkpoint being resumed but it"
+        r" has 2|at least the 3 batches of the epoch that the checkpoint being resumed had trained but it has 2 per"
+        r" epoch)\. Resume with the data, `lanes` and `steps` the checkpoint was trained with",
+    ):
+        quietly_resume(tmp_path, root / "step=3.ckpt", steps=100)  # 2 batches per epoch
+
+
+def test_the_training_loader_outside_a_trainer_has_no_position():
+    data = LaneDataModule(SEQUENCES, lanes=2, steps=4)
+    loader = data.train_dataloader()
+    with pytest.raises(ConfigurationError, match=r"to belong to a `Trainer` to save its position .* but its data"):
+        loader.state_dict()
 
 
 def test_the_data_module_builds_the_stream_of_its_rank():
     data = LaneDataModule(SEQUENCES, SEQUENCES, lanes=4, steps=3, eval_lanes=2)
     # the attributes of a Trainer that `setup` and the loaders read; a DDP fit is too slow for this test suite
     data.trainer = SimpleNamespace(  # type: ignore[assignment]
-        global_rank=1, world_size=2, callbacks=[], strategy=SimpleNamespace(root_device=torch.device("cpu"))
+        global_rank=1, world_size=2, ckpt_path=None, strategy=SimpleNamespace(root_device=torch.device("cpu"))
     )
     data.setup("fit")
     train, val = data.streams["train"], data.streams["val"]
@@ -549,15 +646,6 @@ def test_the_data_module_builds_the_stream_of_its_rank():
     odd.trainer = data.trainer
     with pytest.raises(ConfigurationError, match=r"`lanes` to be divisible by the world size 2 but got 3"):
         odd.setup("validate")
-
-
-def test_a_resume_batch_beyond_the_epoch_is_an_error():
-    data = LaneDataModule(SEQUENCES, lanes=2, steps=4)
-    data.trainer = SimpleNamespace(  # type: ignore[assignment]
-        global_rank=0, world_size=1, callbacks=[ResumeAt(9)], strategy=SimpleNamespace(root_device=torch.device("cpu"))
-    )
-    with pytest.raises(ConfigurationError, match=r"callback's `resume_batch` to be from 0 to 6 .* but got 9\. Resume"):
-        data.train_dataloader()
 
 
 READ_PROBE = """
