@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tbptt import LaneDataModule, TBPTTCallback
+from lightning_tbptt import LaneDataModule, LaneStream, TBPTTCallback
 
 VOCAB = 256  # the corpus is read as bytes
 
@@ -340,7 +340,12 @@ class CtrlC(pl.Callback):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's command-line flags."""
     run = parser.add_argument_group("length of the run")
-    run.add_argument("--max-steps", type=int, default=1024, help="optimizer steps (segments) to train; default: 1024")
+    run.add_argument(
+        "--max-steps",
+        type=int,
+        default=1024,
+        help="optimizer steps (segments) to train, to the end of the batch they end in; default: 1024",
+    )
     run.add_argument("--val-every", type=int, default=32, help="validate every this many batches; default: 32")
     data = parser.add_argument_group("data")
     data.add_argument("--chars", type=int, default=10_000_000, help="characters of the corpus; default: 10,000,000")
@@ -366,6 +371,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument("--checkpoint-dir", type=Path, default=None, help="save checkpoints (last.ckpt) here")
     checkpoints.add_argument("--resume", default=None, help="a checkpoint to resume from, or `last` (--checkpoint-dir)")
+
+
+def end_of_batch(
+    max_steps: int, lane_length: int, batch_steps: int, segment_length: int, stride: int | None, burn_in: int
+) -> int:
+    """The first optimizer step at or after ``max_steps`` at which a batch ends.
+
+    A run that ``max_steps`` stopped inside a batch would be saved with part of the batch trained, and a run resumed
+    from there cannot continue as one longer run would: the demo trains to the end of that batch instead. Each epoch
+    streams lanes of ``lane_length`` steps in batches of ``batch_steps`` (the last one shorter), the first with the
+    burn-in.
+
+    >>> end_of_batch(9, lane_length=256, batch_steps=64, segment_length=32, stride=None, burn_in=0)
+    10
+    >>> end_of_batch(8, lane_length=256, batch_steps=64, segment_length=32, stride=None, burn_in=0)
+    8
+    """
+    batches = math.ceil(lane_length / batch_steps)
+    per_batch = [
+        steps_in_batch(min(batch_steps, lane_length - b * batch_steps), segment_length, stride, burn_in * (b == 0))
+        for b in range(batches)
+    ]
+    step = max_steps // sum(per_batch) * sum(per_batch)  # whole epochs
+    for steps in per_batch:
+        if step >= max_steps:
+            break
+        step += steps
+    return step
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -516,6 +549,10 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         eval_lanes=args.eval_lanes,
         target_shift=1,
     )
+    lane_length = LaneStream(str(train_path), lanes=args.lanes, steps=args.batch_steps, target_shift=1).lane_length
+    max_steps = end_of_batch(
+        args.max_steps, lane_length, args.batch_steps, args.segment_length, args.stride, args.burn_in
+    )
     model = CharLM(args.embedding_size, args.hidden_size, args.lr)
     tbptt = TBPTTCallback(
         segment_length=args.segment_length, streaming=True, resets="starts", stride=args.stride, burn_in=args.burn_in
@@ -535,7 +572,7 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
     ctrl_c = CtrlC(save)
     callbacks: list[pl.Callback] = [tbptt, history, bar, *([save] if save else []), ctrl_c]
     trainer = pl.Trainer(
-        max_steps=args.max_steps,
+        max_steps=max_steps,
         max_epochs=-1,
         val_check_interval=args.val_every,
         check_val_every_n_epoch=None,
@@ -564,7 +601,12 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         f"model: LSTM {args.hidden_size} units, {sum(p.numel() for p in model.parameters()):,} parameters; TBPTT"
         f" segments of {args.segment_length} characters{window}, state carried across batches"
     )
-    if resumed_step is not None and resumed_step >= args.max_steps:
+    if max_steps != args.max_steps:
+        say(
+            f"--max-steps {args.max_steps} ends inside a batch: training runs to step {max_steps}, the end of that"
+            " batch, where a checkpoint resumes exactly"
+        )
+    if resumed_step is not None and resumed_step >= max_steps:
         say(
             f"checkpoint: {resume} already holds step {resumed_step}, at or beyond --max-steps {args.max_steps}:"
             f" nothing to train; its results follow (pass a --max-steps above {resumed_step} to train on)"

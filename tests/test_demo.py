@@ -110,10 +110,11 @@ def test_overlapping_windows_and_burn_in(capsys):
     result = run("--max-steps=12", "--val-every=1", "--stride=8", "--burn-in=4")
     out = capsys.readouterr().out
     assert "TBPTT segments of 16 characters, a window every 8" in out
-    # 7 windows per batch of 64 steps (also after a burn-in of 4): 12 steps take 2 batches
-    assert result["global_step"] == 12
+    # 7 windows per batch of 64 steps (also after a burn-in of 4): 12 steps end in the second batch, trained whole
+    assert "--max-steps 12 ends inside a batch: training runs to step 14" in out
+    assert result["global_step"] == 14
     assert result["planned_batches"] == result["batches"] == 2
-    assert [step for step, _, _ in result["history"]] == [7, 12]
+    assert [step for step, _, _ in result["history"]] == [7, 14]
     assert result["after"] < result["before"]
 
 
@@ -421,3 +422,28 @@ def test_ctrl_c_in_a_terminal_run_resumes_to_the_parameters_of_an_uninterrupted_
     assert resumed["global_step"] == whole["global_step"] == 160
     for name, value in whole["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
+
+
+def test_a_max_steps_inside_a_batch_trains_to_its_end_and_resumes_exactly(tmp_path, capsys, uninterrupted):
+    result = run("--max-steps=9", "--val-every=2", f"--checkpoint-dir={tmp_path}")
+    out = capsys.readouterr().out
+    assert "--max-steps 9 ends inside a batch: training runs to step 12, the end of that batch" in out
+    assert result["global_step"] == 12  # 3 batches of 4 segments
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    (entry,) = [value for key, value in saved["callbacks"].items() if "TBPTTCallback" in key]
+    assert not entry["partial"] and not entry["in_batch"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning that the saved batch was cut short
+        resumed = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path}", "--resume=last")
+    assert resumed["after"] == uninterrupted[0]["after"]
+    assert_same_parameters(tmp_path / "last.ckpt", uninterrupted[1])
+
+
+def test_end_of_batch_follows_the_burn_in_and_the_short_last_batch_of_each_epoch():
+    # lanes of 200 steps in batches of 64: 64, 64, 64, 8 steps; segments of 32 after a burn-in of 16 in the first:
+    # 2, 2, 2 and 1 optimizer steps, 7 per epoch
+    ends = [2, 4, 6, 7, 9, 11, 13, 14]
+    for max_steps in range(1, 15):
+        expected = min(end for end in ends if end >= max_steps)
+        assert demo.end_of_batch(max_steps, 200, 64, 32, None, 16) == expected, max_steps
+    assert demo.end_of_batch(5, 200, 64, 32, 16, 0) == 6  # windows every 16 steps: 3, 3, 3, 1
