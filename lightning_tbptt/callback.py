@@ -783,8 +783,8 @@ class TBPTTCallback(CallbackBase):
         lanes = self._lanes.get(stream)
         if lanes is not None and rows and rows != lanes and stream in self._lanes_restored:
             raise BatchError(
-                f"Expected the batches to continue the lanes of the checkpoint being resumed, but the checkpoint"
-                f" carries the state of {lanes} lanes but the batch has {rows} rows. Resume with the data layout"
+                f"Expected the batches to continue the lanes of the checkpoint being resumed, which carries the"
+                f" state of {lanes} lanes, but the batch has {rows} rows. Resume with the data layout"
                 " (`lanes`, and the number of processes) the checkpoint was trained with."
             )
         if lanes is not None and rows and rows != lanes:

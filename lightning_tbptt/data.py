@@ -571,6 +571,7 @@ class _TrainingLoader(_LaneLoader):
             "batches_done": batches_done_in_epoch(trainer),
             "epoch_batches": int(trainer.num_training_batches),
             "num_batches": stream.num_batches,
+            "lane_length": stream.lane_length,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -591,6 +592,13 @@ class _TrainingLoader(_LaneLoader):
                 f"Expected the training stream to have the {saved} batches per epoch of the checkpoint being resumed"
                 f" but it has {stream.num_batches}. Resume with the data, `lanes` and `steps` the checkpoint was"
                 " trained with."
+            )
+        length = state_dict.get("lane_length", stream.lane_length)
+        if length != stream.lane_length:
+            raise ConfigurationError(
+                f"Expected the training stream's lanes to have the {length} steps of the checkpoint being resumed but"
+                f" they have {stream.lane_length}, so its carried state would continue other data. Resume with the"
+                " data and `lanes` the checkpoint was trained with."
             )
         done, epoch_batches = int(state_dict["batches_done"]), int(state_dict["epoch_batches"])
         stream.start_batch = _start_batch(done, epoch_batches, resume_reruns_last_batch(trainer))

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tbptt import LaneDataModule, LaneStream, TBPTTCallback
+from lightning_tbptt import LaneDataModule, TBPTTCallback
 
 VOCAB = 256  # the corpus is read as bytes
 
@@ -443,6 +443,12 @@ def _check(args: argparse.Namespace) -> str | None:
             f" ({args.eval_lanes}), got {devices}; every process streams its own lanes"
         )
     if args.resume is None:
+        if args.checkpoint_dir is not None and (args.checkpoint_dir / "last.ckpt").exists():
+            raise SystemExit(
+                f"error: argument --checkpoint-dir: {args.checkpoint_dir} already holds last.ckpt, which a new run"
+                " would overwrite; pass --resume last to go on from it, or another --checkpoint-dir (or delete the"
+                " file) to start a new run"
+            )
         return None
     if args.resume == "last":
         if args.checkpoint_dir is None:
@@ -549,7 +555,7 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         eval_lanes=args.eval_lanes,
         target_shift=1,
     )
-    lane_length = LaneStream(str(train_path), lanes=args.lanes, steps=args.batch_steps, target_shift=1).lane_length
+    lane_length = (split - 1) // args.lanes  # as `LaneStream` lays out one sequence of input/target pairs
     max_steps = end_of_batch(
         args.max_steps, lane_length, args.batch_steps, args.segment_length, args.stride, args.burn_in
     )

@@ -526,11 +526,11 @@ class SavesAtEpochEnd(Callback):
         trainer.save_checkpoint(self.directory / f"epoch-end-step={trainer.global_step}.ckpt")
 
 
-def fit_lm(root, ckpt_path=None, callbacks=(), steps=32, **kwargs):
+def fit_lm(root, ckpt_path=None, callbacks=(), steps=32, tokens=TOKENS, **kwargs):
     """A fit of two epochs of 4 batches (32, 32, 32 and 14 steps), one optimizer step per batch, without TBPTT."""
     torch.manual_seed(0)
     model = TinyLM()
-    data = LaneDataModule(TOKENS, TOKENS[:1], lanes=4, steps=steps, eval_lanes=1, target_shift=1)
+    data = LaneDataModule(tokens, TOKENS[:1], lanes=4, steps=steps, eval_lanes=1, target_shift=1)
     trainer = make_trainer(root, max_epochs=2, callbacks=list(callbacks), **kwargs)
     trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
     return model, trainer
@@ -599,7 +599,7 @@ def test_the_checkpoint_holds_the_position_of_the_training_loader(lm_checkpoints
         assert "combined_loader" not in loops["state_dict"], "Lightning 2.1 saves no loader state"
     else:
         assert loops["state_dict"]["combined_loader"] == [
-            {"version": 1, "batches_done": 3, "epoch_batches": 4, "num_batches": 4}
+            {"version": 1, "batches_done": 3, "epoch_batches": 4, "num_batches": 4, "lane_length": 109}
         ]
 
 
@@ -622,6 +622,17 @@ def test_resuming_with_fewer_batches_per_epoch_than_the_checkpoint_trained_is_an
         r" epoch)\. Resume with the data, `lanes` and `steps` the checkpoint was trained with",
     ):
         quietly_resume(tmp_path, root / "step=3.ckpt", steps=100)  # 2 batches per epoch
+
+
+@pytest.mark.skipif(Version(pl.__version__) < Version("2.2"), reason="Lightning 2.2 added the loader state")
+def test_resuming_with_lanes_of_another_length_is_an_error(tmp_path, lm_checkpoints):
+    _, root = lm_checkpoints
+    with pytest.raises(
+        ConfigurationError,
+        match=r"Expected the training stream's lanes to have the 109 steps of the checkpoint being resumed but they"
+        r" have 107, so its carried state would continue other data\. Resume with the data and `lanes`",
+    ):
+        quietly_resume(tmp_path, root / "step=3.ckpt", tokens=[*TOKENS[:2], TOKENS[2][:-8]])  # still 4 batches
 
 
 def test_the_training_loader_outside_a_trainer_has_no_position():

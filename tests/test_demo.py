@@ -295,6 +295,15 @@ def test_resume_checks_the_model_flags_of_a_checkpoint_saved_without_the_flags(c
         run("--max-steps=16", "--hidden-size=32", f"--resume={tmp_path / 'old.ckpt'}")
 
 
+def test_a_new_run_does_not_overwrite_the_checkpoint_of_another(checkpoint):
+    before = checkpoint.read_bytes()
+    with pytest.raises(
+        SystemExit, match=r"argument --checkpoint-dir: .* already holds last.ckpt, which a new run would"
+    ):
+        run("--max-steps=4", f"--checkpoint-dir={checkpoint.parent}")
+    assert checkpoint.read_bytes() == before
+
+
 def test_resume_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.ckpt").write_text("not a checkpoint")
     with pytest.raises(SystemExit, match=r"argument --resume: cannot read .*notes.ckpt as a checkpoint \("):

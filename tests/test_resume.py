@@ -94,7 +94,7 @@ def test_resuming_with_another_lane_layout(tmp_path, uninterrupted):
     # the training loader refuses the 12 batches per epoch of 2 lanes where Lightning restores its state (2.2+)
     with pytest.raises(
         (BatchError, ConfigurationError),
-        match=r"the checkpoint carries the state of 4 lanes but the batch has 2 rows|the training stream to have the 6"
+        match=r"which carries the state of 4 lanes, but the batch has 2 rows|the training stream to have the 6"
         r" batches per epoch of the checkpoint being resumed but it has 12",
     ):
         fit(tmp_path, ckpt_path=checkpoint(directory, "epoch=0-step=6"), lanes=2)
