@@ -1,6 +1,6 @@
 """What a checkpoint's ``TBPTTCallback`` entry must hold to be resumed from, checked before anything is restored.
 
-``TBPTTCallback.state_dict`` writes every key of :data:`ENTRY_KEYS` (release 0.1.0 all of them, without ``version``
+``TBPTTCallback.state_dict`` writes every key of :data:`COUNTS` and :data:`FLAGS` (release 0.1.0 all of them, without ``version``
 and ``config``); with ``streaming=True`` also ``lanes``, ``carried`` and ``unfinished``; between two optimizer steps
 ``gradients``. An entry that lacks one, holds a value of another type, or a carried state that does not fit the
 model's recurrent modules was edited or written by other code, and resuming from it would silently train something
@@ -10,29 +10,21 @@ Example:
     >>> check_entry({"epoch": 0, "batches_done": -1})
     Traceback (most recent call last):
       ...
-    lightning_tbptt.errors.ConfigurationError: Expected the checkpoint's `TBPTTCallback` entry to hold `batches_done` as an integer >= 0 (it holds -1); `mid_epoch` as True or False (it has none); `accumulated` as an integer >= 0 (it has none); `partial` as True or False (it has none); `in_batch` as True or False (it has none); `streaming` as True or False (it has none); `world_size` as an integer >= 1 (it has none); `gathered` as True or False (it has none). It was edited or written by other code: resume from a checkpoint as `Trainer.save_checkpoint` wrote it, or delete the entry from `checkpoint['callbacks']` to resume without the callback's state.
+    lightning_tbptt.errors.ConfigurationError: Expected the checkpoint's `TBPTTCallback` entry to hold `batches_done` as an integer >= 0 (it holds -1); `accumulated` as an integer >= 0 (it has none); `world_size` as an integer >= 1 (it has none); `mid_epoch` as True or False (it has none); `partial` as True or False (it has none); `in_batch` as True or False (it has none); `streaming` as True or False (it has none); `gathered` as True or False (it has none). It was edited or written by other code: resume from a checkpoint as `Trainer.save_checkpoint` wrote it, or delete the entry from `checkpoint['callbacks']` to resume without the callback's state.
 
 """  # noqa: E501
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from torch import Tensor, nn
 
 from lightning_tbptt.errors import ConfigurationError
 
-ENTRY_KEYS: dict[str, type | int] = {
-    # an integer: the least value of an integer key; `bool`: True or False
-    "epoch": 0,
-    "batches_done": 0,
-    "mid_epoch": bool,
-    "accumulated": 0,
-    "partial": bool,
-    "in_batch": bool,
-    "streaming": bool,
-    "world_size": 1,
-    "gathered": bool,
-}
+COUNTS = {"epoch": 0, "batches_done": 0, "accumulated": 0, "world_size": 1}
+"""The integer keys of every entry, each with its least value."""
+FLAGS = ("mid_epoch", "partial", "in_batch", "streaming", "gathered")
+"""The True-or-False keys of every entry."""
 
 _FIX = (
     "It was edited or written by other code: resume from a checkpoint as `Trainer.save_checkpoint` wrote it, or delete"
@@ -51,7 +43,7 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else f"a {type(value).__name__}"
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -74,13 +66,13 @@ def check_entry(entry: Any) -> None:
             f"Expected the checkpoint's `TBPTTCallback` entry to be a dict but it holds {_shown(entry)}. {_FIX}"
         )
     problems: list[str] = []
-    for key, kind in ENTRY_KEYS.items():
+    for key, least in COUNTS.items():
         value = entry.get(key)
-        if kind is bool:
-            if not isinstance(value, bool):
-                problems.append(f"`{key}` as True or False ({_holds(entry, key)})")
-        elif not _is_int(value) or value < kind:  # type: ignore[operator]
-            problems.append(f"`{key}` as an integer >= {kind} ({_holds(entry, key)})")
+        if not _is_int(value) or value < least:
+            problems.append(f"`{key}` as an integer >= {least} ({_holds(entry, key)})")
+    problems += [
+        f"`{key}` as True or False ({_holds(entry, key)})" for key in FLAGS if not isinstance(entry.get(key), bool)
+    ]
     if entry.get("streaming") is True:
         lanes, carried, unfinished = entry.get("lanes"), entry.get("carried"), entry.get("unfinished")
         if "lanes" not in entry or not (lanes is None or (_is_int(lanes) and lanes >= 1)):
@@ -129,9 +121,7 @@ def check_carried(carried: Mapping[str, Any], modules: Mapping[str, nn.Module]) 
         if expected is None:
             continue
         count, dims = expected
-        tensors = [state] if isinstance(state, Tensor) else list(state)
-        if count == 2 and isinstance(state, Tensor):
-            tensors = []
+        tensors = [state] if count == 1 else list(state) if isinstance(state, (tuple, list)) else []
         if len(tensors) != count or not all(isinstance(t, Tensor) and t.dim() == dims for t in tensors):
             form = "a tensor" if count == 1 else f"a tuple of {count} tensors"
             shapes = (

@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from packaging.version import Version
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from lightning_tbptt import BatchError, ConfigurationError, LaneDataModule, TBPTTCallback
@@ -91,12 +92,14 @@ def test_resuming_without_the_carried_state_would_differ(tmp_path, uninterrupted
 
 def test_resuming_with_another_lane_layout(tmp_path, uninterrupted):
     _, directory, _ = uninterrupted
-    # the training loader refuses the 12 batches per epoch of 2 lanes where Lightning restores its state (2.2+)
-    with pytest.raises(
-        (BatchError, ConfigurationError),
-        match=r"which carries the state of 4 lanes, but the batch has 2 rows|the training stream to have the 6"
-        r" batches per epoch of the checkpoint being resumed but it has 12",
-    ):
+    if Version(pl.__version__) >= Version("2.2"):  # the training loader refuses the 12 batches per epoch of 2 lanes
+        error, match = (
+            ConfigurationError,
+            r"training stream to have the 6 batches per epoch of the checkpoint .* has 12",
+        )
+    else:  # Lightning restores no loader state: the callback refuses the first batch
+        error, match = BatchError, r"which carries the state of 4 lanes, but the batch has 2 rows"
+    with pytest.raises(error, match=match):
         fit(tmp_path, ckpt_path=checkpoint(directory, "epoch=0-step=6"), lanes=2)
 
 
