@@ -46,6 +46,16 @@ Public methods of the ``Strategy`` instance, shadowed by instance attributes in 
   run once per segment);
 * ``Strategy.validation_step``, ``test_step``, ``predict_step`` — each runs once per segment of an evaluation batch.
 
+Instance attributes of the ``LightningModule``, shadowed while one segment runs and restored afterwards:
+
+* ``log`` and ``log_dict`` — do nothing while a burn-in segment runs (:func:`silenced_logging`);
+* ``training_step`` — replaced by a zero loss while a process takes part in an optimizer step for which it has no
+  segment (DDP with batches of different lengths, :func:`shadowed_training_step`).
+
+And one public global of ``lightning_utilities``, for the duration of a fit: ``rank_zero.log`` and
+``rank_zero.rank_zero_deprecation_category``, which the namespace imported last points at itself, point at the fit's
+namespace and are put back afterwards (:class:`RankZeroLogging`).
+
 Calling the original ``run`` once per segment gives every segment Lightning's whole automatic-optimisation path
 (precision plugin, gradient clipping, ``optimizer_step`` and every backward/optimizer hook). Whether a segment zeroes
 the gradients and whether it steps are decided per segment by overriding the two per-batch decisions
@@ -54,11 +64,14 @@ answers stand.
 """
 
 import importlib
+import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import lightning_utilities.core.rank_zero as rank_zero
 import pytorch_lightning as pl
 import torch
 from packaging.version import Version
@@ -563,3 +576,77 @@ def patched_loop_attributes(trainer: "pl.Trainer") -> list[str]:
     strategy = vars(trainer.strategy)
     names = ("batch_to_device", *EVALUATION_STEPS)
     return loops + [f"strategy.{name}" for name in names if callable(strategy.get(name))]
+
+
+@contextmanager
+def weighted_logging(trainer: "pl.Trainer", weight: int) -> Iterator[None]:
+    """While active, the values logged with ``on_epoch=True`` are weighted by ``weight`` (:func:`set_log_weight`)."""
+    set_log_weight(trainer, weight)
+    try:
+        yield
+    finally:
+        set_log_weight(trainer, None)
+
+
+@contextmanager
+def _shadowed(module: Any, replacements: dict[str, Callable[..., Any]]) -> Iterator[None]:
+    shadowed = vars(module)
+    previous = {name: shadowed.get(name) for name in replacements}
+    shadowed.update(replacements)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                del shadowed[name]
+            else:
+                shadowed[name] = value
+
+
+def silenced_logging(module: Any) -> Any:
+    """While active, ``self.log``/``self.log_dict`` of ``module`` do nothing (while a burn-in segment runs).
+
+    Its values (a loss over no valid step may be NaN) must reach no log, whatever their weight or reduction.
+    """
+
+    def ignore(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    return _shadowed(module, {"log": ignore, "log_dict": ignore})
+
+
+def shadowed_training_step(module: Any, step: Callable[..., Any]) -> Any:
+    """While active, ``module.training_step`` is ``step`` (shadowed on the instance, restored afterwards)."""
+    return _shadowed(module, {"training_step": step})
+
+
+class RankZeroLogging:
+    """Points Lightning's shared rank-zero logger and deprecation category at the namespace of ``trainer``, for a fit.
+
+    Both namespaces log through one ``lightning_utilities`` logger, which the namespace imported last points at itself:
+    while installed, a fit logs (and warns) in its own namespace, where the user's logging configuration applies;
+    :meth:`remove` puts back what was there.
+    """
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        name = namespace_of(trainer).__name__
+        self._values: dict[str, Any] = {"log": logging.getLogger(f"{name}.utilities.rank_zero")}
+        fabric = "lightning_fabric" if name == "pytorch_lightning" else "lightning.fabric"
+        category = getattr(
+            importlib.import_module(f"{fabric}.utilities.rank_zero"), "LightningDeprecationWarning", None
+        )
+        if category is not None:
+            self._values["rank_zero_deprecation_category"] = category
+        self._previous: dict[str, Any] | None = None
+
+    def install(self) -> None:
+        if self._previous is None:
+            self._previous = {name: getattr(rank_zero, name, None) for name in self._values}
+        for name, value in self._values.items():
+            setattr(rank_zero, name, value)
+
+    def remove(self) -> None:
+        previous, self._previous = self._previous, None
+        for name, value in (previous or {}).items():
+            if getattr(rank_zero, name, None) is self._values[name] and value is not None:
+                setattr(rank_zero, name, value)

@@ -1,4 +1,8 @@
-"""What a checkpoint's ``TBPTTCallback`` entry must hold to be resumed from, checked before anything is restored.
+"""The callback's entry in a checkpoint (:class:`CheckpointRecord`), and what it must hold to be resumed from.
+
+:class:`CheckpointRecord` is where the training epoch stands after a batch and what the training stream carries then;
+:meth:`CheckpointRecord.to_dict` writes the entry, :meth:`CheckpointRecord.from_dict` reads one back, refusing an
+entry of a newer format and checking it first (:func:`check_entry`).
 
 ``TBPTTCallback.state_dict`` writes every key of :data:`COUNTS` and :data:`FLAGS` (release 0.1.0 all of them, without ``version``
 and ``config``); with ``streaming=True`` also ``lanes``, ``carried`` and ``unfinished``; between two optimizer steps
@@ -14,13 +18,18 @@ Example:
 
 """  # noqa: E501
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeGuard
 
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_tbptt.errors import ConfigurationError
 
+CHECKPOINT_FORMAT = 1
+"""The version of the callback's entry in checkpoints; an entry of a newer version is refused."""
 COUNTS = {"epoch": 0, "batches_done": 0, "accumulated": 0, "world_size": 1}
 """The integer keys of every entry, each with its least value."""
 FLAGS = ("mid_epoch", "partial", "in_batch", "streaming", "gathered")
@@ -133,3 +142,107 @@ def check_carried(carried: Mapping[str, Any], modules: Mapping[str, nn.Module]) 
                 f"Expected the checkpoint's carried state of `{name}` ({type(module).__name__}) to be {form} of"
                 f" {dims} dimensions but it holds {shapes}. {_FIX}"
             )
+
+
+@dataclass
+class CheckpointRecord:
+    """Where the training epoch stands after a batch, and what the training stream carries then.
+
+    Kept up to date by the fit after every training batch (and on resume); what a checkpoint taken then must hold to
+    resume exactly. With several processes, a record read from a checkpoint holds every process's tensors (each with
+    a leading dimension indexed by rank) until :meth:`for_process` takes one process's part.
+    """
+
+    epoch: int = 0
+    batches_done: int = 0
+    mid_epoch: bool = False
+    accumulated: int = 0
+    """Segments (or batches) accumulated towards the next optimizer step."""
+    partial: bool = False
+    """``max_steps`` stopped the last batch before its last segment."""
+    in_batch: bool = False
+    """Set while a batch runs: a checkpoint taken then holds parameters from the middle of the batch."""
+    streaming: bool = False
+    world_size: int = 1
+    gathered: bool = False
+    """Whether the tensors were gathered from every process."""
+    pending_gradients: bool = False
+    """Whether the parameters' gradients are accumulated towards an optimizer step that has not happened yet (the
+    entry then holds them, as ``gradients``)."""
+    config: dict[str, Any] | None = None
+    """The settings that decide what a resumed fit trains (``None`` in release 0.1.0's entries)."""
+    gradients: dict[str, Tensor] | None = None
+    gradients_present: Tensor | None = None
+    """Gathered: ``(processes, parameters)`` flags, the parameters of ``gradients`` that process had a gradient for."""
+    lanes: int | None = None
+    carried: dict[str, Any] = field(default_factory=dict)
+    unfinished: Tensor | None = None
+    version: int = CHECKPOINT_FORMAT
+
+    def to_dict(self) -> dict[str, Any]:
+        """The entry written into checkpoints."""
+        entry: dict[str, Any] = {
+            "version": self.version,
+            "config": self.config,
+            "epoch": self.epoch,
+            "batches_done": self.batches_done,
+            "mid_epoch": self.mid_epoch,
+            "accumulated": self.accumulated,
+            "partial": self.partial,
+            "in_batch": self.in_batch,
+            "streaming": self.streaming,
+            "world_size": self.world_size,
+            "gathered": self.gathered,
+        }
+        if self.gradients is not None:
+            entry["gradients"] = self.gradients
+        if self.gradients_present is not None:
+            entry["gradients_present"] = self.gradients_present
+        if self.streaming:
+            entry["lanes"] = self.lanes
+            entry["carried"] = self.carried
+            entry["unfinished"] = self.unfinished
+        return entry
+
+    @classmethod
+    def from_dict(cls, entry: Any) -> "CheckpointRecord":
+        """Read an entry written by :meth:`to_dict` (of this release or an older one).
+
+        Raises:
+            ConfigurationError: If the entry is of a newer format, or does not hold what it must (:func:`check_entry`).
+
+        """
+        version = entry.get("version", 1) if isinstance(entry, Mapping) else 1  # release 0.1.0 wrote no version
+        if isinstance(version, bool) or not isinstance(version, int) or version > CHECKPOINT_FORMAT:
+            raise ConfigurationError(
+                f"Expected the checkpoint's `TBPTTCallback` entry to be in format {CHECKPOINT_FORMAT} or older but it"
+                f" is in format {version!r}, written by a newer release of lightning-tbptt. Upgrade lightning-tbptt to"
+                " resume from it."
+            )
+        check_entry(entry)
+        known = {f.name for f in dataclasses.fields(cls)}
+        record = cls(**{key: value for key, value in entry.items() if key in known and key != "pending_gradients"})
+        record.pending_gradients = record.gradients is not None
+        record.carried = dict(record.carried or {})
+        return record
+
+    def for_process(self, rank: int) -> "CheckpointRecord":
+        """The part of a record gathered from several processes that belongs to process ``rank``."""
+        if not self.gathered:
+            return self
+
+        def own(value: Any) -> Any:
+            return apply_to_collection(value, Tensor, lambda t: t[rank])
+
+        gradients = own(self.gradients)
+        present = own(self.gradients_present)
+        if present is not None and gradients is not None:
+            flags = present.tolist()
+            gradients = {name: g for (name, g), flag in zip(gradients.items(), flags, strict=True) if flag}
+        return dataclasses.replace(
+            self,
+            gradients=gradients,
+            gradients_present=None,
+            carried=own(self.carried),
+            unfinished=own(self.unfinished),
+        )

@@ -114,28 +114,18 @@ class CharLM(pl.LightningModule):
         return torch.optim.Adam(self.parameters(), lr=self.hparams["lr"])
 
 
-def steps_in_batch(length: int, segment_length: int, stride: int | None, burn_in: int) -> int:
-    """The optimizer steps ``TBPTTCallback`` takes in a batch of ``length`` steps.
-
-    A burn-in prefix of ``burn_in`` steps takes none; then windows of ``segment_length`` steps start every ``stride``
-    steps (every ``segment_length`` without a stride) until one reaches the end of the batch.
-    """
-    stride = stride or segment_length
-    return 1 + max(0, -(-(length - burn_in - segment_length) // stride))
-
-
 class StepsProgressBar(pl.callbacks.TQDMProgressBar):
     """Lightning's TQDM bar, sized to the batches a run of ``max_steps`` optimizer steps trains.
 
     Lightning's own bar assumes one optimizer step per batch when it sizes a run given in steps; here a batch of
-    ``batch_steps`` steps takes :func:`steps_in_batch` steps (fewer in the first batch of an epoch, the one with the
-    burn-in).
+    ``batch_steps`` steps takes as many steps as ``tbptt`` trains segments in it (fewer in the first batch of an epoch,
+    the one with the burn-in).
     """
 
-    def __init__(self, batch_steps: int, segment_length: int, stride: int | None, burn_in: int, **kwargs: Any) -> None:
+    def __init__(self, batch_steps: int, tbptt: TBPTTCallback, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.every = steps_in_batch(batch_steps, segment_length, stride, 0)
-        self.first = steps_in_batch(batch_steps, segment_length, stride, burn_in)
+        self.every = tbptt.training_segments(batch_steps, fresh=False)
+        self.first = tbptt.training_segments(batch_steps)
 
     @property
     def total_train_batches(self) -> int | float:
@@ -373,25 +363,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     checkpoints.add_argument("--resume", default=None, help="a checkpoint to resume from, or `last` (--checkpoint-dir)")
 
 
-def end_of_batch(
-    max_steps: int, lane_length: int, batch_steps: int, segment_length: int, stride: int | None, burn_in: int
-) -> int:
+def end_of_batch(max_steps: int, lane_length: int, batch_steps: int, tbptt: TBPTTCallback) -> int:
     """The first optimizer step at or after ``max_steps`` at which a batch ends.
 
     A run that ``max_steps`` stopped inside a batch would be saved with part of the batch trained, and a run resumed
     from there cannot continue as one longer run would: the demo trains to the end of that batch instead. Each epoch
     streams lanes of ``lane_length`` steps in batches of ``batch_steps`` (the last one shorter), the first with the
-    burn-in.
+    burn-in; ``tbptt`` says how many segments train in each.
 
-    >>> end_of_batch(9, lane_length=256, batch_steps=64, segment_length=32, stride=None, burn_in=0)
+    >>> end_of_batch(9, lane_length=256, batch_steps=64, tbptt=TBPTTCallback(32))
     10
-    >>> end_of_batch(8, lane_length=256, batch_steps=64, segment_length=32, stride=None, burn_in=0)
+    >>> end_of_batch(8, lane_length=256, batch_steps=64, tbptt=TBPTTCallback(32))
     8
     """
     batches = math.ceil(lane_length / batch_steps)
     per_batch = [
-        steps_in_batch(min(batch_steps, lane_length - b * batch_steps), segment_length, stride, burn_in * (b == 0))
-        for b in range(batches)
+        tbptt.training_segments(min(batch_steps, lane_length - b * batch_steps), fresh=b == 0) for b in range(batches)
     ]
     step = max_steps // sum(per_batch) * sum(per_batch)  # whole epochs
     for steps in per_batch:
@@ -556,19 +543,15 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         target_shift=1,
     )
     lane_length = (split - 1) // args.lanes  # as `LaneStream` lays out one sequence of input/target pairs
-    max_steps = end_of_batch(
-        args.max_steps, lane_length, args.batch_steps, args.segment_length, args.stride, args.burn_in
-    )
-    model = CharLM(args.embedding_size, args.hidden_size, args.lr)
     tbptt = TBPTTCallback(
         segment_length=args.segment_length, streaming=True, resets="starts", stride=args.stride, burn_in=args.burn_in
     )
+    max_steps = end_of_batch(args.max_steps, lane_length, args.batch_steps, tbptt)
+    model = CharLM(args.embedding_size, args.hidden_size, args.lr)
     history = History()
     bar = StepsProgressBar(
         args.batch_steps,
-        args.segment_length,
-        args.stride,
-        args.burn_in,
+        tbptt,
         refresh_rate=1 if sys.stdout.isatty() else 8,  # fewer lines in a log file
     )
     save = None

@@ -15,13 +15,12 @@ graph and models with ``SyncBatchNorm`` need equal counts, else every process ra
 the same all-reduce, and then sends them its error, so they raise too rather than wait, quoting it.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lightning_tbptt._lightning_internals import shadowed_training_step
 from lightning_tbptt.errors import BatchError
 
 
@@ -133,24 +132,14 @@ def _zero_loss(module: nn.Module, strategy: Any) -> Tensor | None:
     return total * 0.0
 
 
-@contextmanager
-def idle_training_step(module: nn.Module, strategy: Any) -> Iterator[None]:
+def idle_training_step(module: nn.Module, strategy: Any) -> Any:
     """While active, ``module.training_step`` returns a zero loss whose gradient is zero for every parameter it reaches.
 
     The user's step is not called, so nothing is logged and no state is carried. Shadowed on the instance and
     restored afterwards.
     """
-    shadowed = vars(module)
-    previous = shadowed.get("training_step")
 
     def training_step(*args: Any, **kwargs: Any) -> Tensor | None:
         return _zero_loss(module, strategy)
 
-    shadowed["training_step"] = training_step
-    try:
-        yield
-    finally:
-        if previous is None:
-            del shadowed["training_step"]
-        else:
-            shadowed["training_step"] = previous
+    return shadowed_training_step(module, training_step)

@@ -11,7 +11,6 @@ A ``LightningModule`` and its ``Trainer`` always share a namespace: Lightning it
 """
 
 import importlib
-import logging
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -83,20 +82,6 @@ def namespace_of(obj: Any) -> ModuleType:
         if isinstance(obj, namespace.LightningDataModule):
             return namespace
     raise TypeError(f"Expected a Lightning Trainer, LightningModule or LightningDataModule but got {type(obj)}.")
-
-
-def follow_trainer_logging(trainer: Any) -> None:
-    """Point Lightning's shared rank-zero logger and deprecation category at the namespace of ``trainer``.
-
-    Both namespaces log through one ``lightning_utilities`` logger, which the namespace imported last points at itself:
-    a fit then logs (and warns) in its own namespace, where the user's logging configuration applies.
-    """
-    name = namespace_of(trainer).__name__
-    rank_zero.log = logging.getLogger(f"{name}.utilities.rank_zero")
-    fabric = "lightning_fabric" if name == "pytorch_lightning" else "lightning.fabric"
-    category = getattr(importlib.import_module(f"{fabric}.utilities.rank_zero"), "LightningDeprecationWarning", None)
-    if category is not None:
-        rank_zero.rank_zero_deprecation_category = category
 
 
 def lightning_version(trainer: Any) -> Version:

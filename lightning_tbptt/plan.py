@@ -13,9 +13,9 @@ its rows when rows are dropped) exists at once.
 
 Example:
     >>> import torch
-    >>> from lightning_tbptt.lengths import LengthsLocation
+    >>> from lightning_tbptt.fields import FieldLocation
     >>> batch = (torch.zeros(3, 10, 2), torch.tensor([10, 3, 6]))
-    >>> plan = plan_segments(batch, 4, lengths=LengthsLocation(1), drop_finished=True)
+    >>> plan = plan_segments(batch, 4, lengths=FieldLocation(1), drop_finished=True)
     >>> [(s.info.start, s.info.length, s.info.lengths.tolist(), s.info.rows) for s in plan]
     [(0, 4, [4, 3, 4], None), (4, 4, [4, 2], tensor([0, 2])), (8, 2, [2], tensor([0]))]
 
@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from lightning_tbptt.errors import BatchError
-from lightning_tbptt.lengths import LengthsLocation, check_lengths, segment_lengths
+from lightning_tbptt.fields import FieldLocation, check_lengths, segment_lengths
 from lightning_tbptt.segment import Segment
 from lightning_tbptt.split import _tensors, batch_dim, sequence_length, slice_batch
+from lightning_tbptt.windows import windows
 
 
 @dataclass(frozen=True)
@@ -46,47 +47,6 @@ class PlannedSegment:
     ``None``: the segment's end."""
 
 
-@dataclass(frozen=True)
-class Window:
-    """Where one segment lies in its batch."""
-
-    start: int
-    stop: int
-    new_start: int = 0
-    """Offset of the first step not trained by an earlier window (the segment's length for a burn-in prefix)."""
-    carry_at: int | None = None
-    burn_in: bool = False
-
-
-def windows(length: int, segment_length: int, stride: int | None = None, burn_in: int = 0) -> list[Window]:
-    """Return the segments covering ``length`` steps.
-
-    A burn-in prefix of ``burn_in`` steps, then windows of ``segment_length`` steps starting every ``stride`` steps
-    until one reaches the end.
-
-    Each window after the first overlaps the previous one by ``segment_length - stride`` steps, its new steps are its
-    last ``stride``, and the state carried into it is the previous window's state after ``stride`` steps. Without a
-    stride (or with ``stride == segment_length``) these are consecutive segments.
-
-    Example:
-        >>> [(w.start, w.stop, w.new_start, w.carry_at) for w in windows(10, 4, stride=2)]
-        [(0, 4, 0, 2), (2, 6, 2, 2), (4, 8, 2, 2), (6, 10, 2, None)]
-        >>> [(w.start, w.stop, w.burn_in) for w in windows(10, 4, burn_in=3)]
-        [(0, 3, True), (3, 7, False), (7, 10, False)]
-
-    """
-    stride = segment_length if stride is None else stride
-    found = [Window(0, burn_in, burn_in, None, True)] if burn_in else []
-    start, covered = burn_in, burn_in
-    while covered < length:
-        stop = min(start + segment_length, length)
-        # the next window starts inside this one: carry the state from there
-        carry_at = stride if stop < length and stride < stop - start else None
-        found.append(Window(start, stop, covered - start, carry_at))
-        covered, start = stop, start + stride
-    return found
-
-
 class SegmentPlan:
     """The segments of one batch, built one at a time as it is iterated; its length is known up front."""
 
@@ -98,7 +58,7 @@ class SegmentPlan:
         batch_size: int = 0,
         time_length: int = 0,
         lengths: torch.Tensor | None = None,
-        first_starts: torch.Tensor | None = None,
+        first_resets: torch.Tensor | None = None,
         burn_in_segments: int = 0,
     ) -> None:
         self._count = count
@@ -110,7 +70,7 @@ class SegmentPlan:
         """Padded number of time steps of the batch (0 when a custom split cut it)."""
         self.lengths = lengths
         """The batch's lengths on the CPU, or ``None``."""
-        self.first_starts = first_starts
+        self.first_resets = first_resets
         """``(B,)`` boolean, on the CPU: the rows that start a new sequence at the batch's first step; ``None`` when the
         batch has no reset markers."""
 
@@ -131,21 +91,21 @@ def _rows_of(batch: Any, time_dim: int) -> tuple[int, torch.device]:
     return sequence.shape[batch_dim(time_dim)], sequence.device
 
 
-def _strip(batch: Any, location: LengthsLocation) -> Any:
+def _strip(batch: Any, location: FieldLocation) -> Any:
     return location.replace(batch, None)
 
 
-def _check_starts(starts: torch.Tensor, where: str, batch_size: int, padded: int, time_dim: int) -> torch.Tensor:
+def _check_resets(resets: torch.Tensor, where: str, batch_size: int, padded: int, time_dim: int) -> torch.Tensor:
     """Validate reset markers and return them as a ``(B, T)`` boolean tensor on the CPU."""
     layout = (batch_size, padded) if time_dim != 0 else (padded, batch_size)
-    if starts.dtype != torch.bool or tuple(starts.shape) not in ((batch_size,), layout):
+    if resets.dtype != torch.bool or tuple(resets.shape) not in ((batch_size,), layout):
         raise BatchError(
             f"Expected the reset markers at {where} to be a boolean tensor of shape ({batch_size},) (a new sequence"
             f" starts at the batch's first step) or {layout} (laid out like the sequences: True where a new sequence"
-            f" starts) but got a {starts.dtype} tensor of shape {tuple(starts.shape)}. Build them with e.g."
+            f" starts) but got a {resets.dtype} tensor of shape {tuple(resets.shape)}. Build them with e.g."
             " `torch.zeros(B, T, dtype=torch.bool)` and set True at each sequence's first step."
         )
-    on_cpu = starts.detach().cpu()
+    on_cpu = resets.detach().cpu()
     if on_cpu.dim() == 1:
         full = torch.zeros(batch_size, padded, dtype=torch.bool)
         full[:, 0] = on_cpu
@@ -158,9 +118,9 @@ def plan_segments(
     segment_length: int,
     *,
     time_dim: int = 1,
-    lengths: LengthsLocation | None = None,
+    lengths: FieldLocation | None = None,
     drop_finished: bool = False,
-    resets: LengthsLocation | None = None,
+    resets: FieldLocation | None = None,
     stride: int | None = None,
     burn_in: int = 0,
     loss_on_overlap: bool = False,
@@ -176,7 +136,7 @@ def plan_segments(
         drop_finished: With ``lengths``, keep in each segment only the rows whose sequence has not ended.
         resets: Where the batch holds its reset markers (a boolean ``(B,)`` flag per row, or ``(B, T)`` /
             ``(T, B)`` markers laid out like the sequences), or ``None``. Each segment gets its own slice of the
-            markers in their place, and :attr:`Segment.starts`.
+            markers in their place, and :attr:`Segment.resets`.
         stride: Steps between the starts of overlapping windows of ``segment_length`` steps (see :func:`windows`);
             ``None``: consecutive segments.
         burn_in: Steps of a prefix run without gradient before the first window, 0 for none.
@@ -185,7 +145,7 @@ def plan_segments(
 
     Raises:
         BatchError: If the batch cannot be split (see :func:`~lightning_tbptt.split.sequence_length`), its lengths
-            are missing or invalid (see :func:`~lightning_tbptt.lengths.check_lengths`), its reset markers have the
+            are missing or invalid (see :func:`~lightning_tbptt.fields.check_lengths`), its reset markers have the
             wrong shape or dtype, or every sequence is empty.
 
     """
@@ -215,10 +175,10 @@ def plan_segments(
                 f"Expected at least one sequence of the batch to have a time step but every length at"
                 f" {lengths.describe()} is 0. Remove empty sequences from your DataLoader."
             )
-    starts = given_starts = None
+    marks = given_resets = None
     if resets is not None:
-        given_starts = resets.get(batch)
-        starts = _check_starts(given_starts, resets.describe(), rows, padded, time_dim)
+        given_resets = resets.get(batch)
+        marks = _check_resets(given_resets, resets.describe(), rows, padded, time_dim)
     if burn_in >= longest and whole_burn_in:
         burn_in = longest
     elif burn_in >= longest:
@@ -250,10 +210,10 @@ def plan_segments(
                 data = lengths.replace(data, valid.to(device=full.device, dtype=full.dtype, non_blocking=True))
                 # from the CPU copy: no device synchronisation
                 num_valid = int((valid_cpu - window.new_start).clamp(min=0).sum())
-            segment_starts = None
-            if starts is not None and given_starts is not None and resets is not None:
-                segment_starts = starts[:, start:stop] if active is None else starts[active, start:stop]
-                data = resets.replace(data, _starts_in_batch(given_starts, segment_starts, index, active, time_dim))
+            segment_resets = None
+            if marks is not None and given_resets is not None and resets is not None:
+                segment_resets = marks[:, start:stop] if active is None else marks[active, start:stop]
+                data = resets.replace(data, _resets_in_batch(given_resets, segment_resets, index, active, time_dim))
             info = Segment(
                 index,
                 len(bounds),
@@ -265,33 +225,33 @@ def plan_segments(
                 batch_size=rows if active is None else active.numel(),
                 device=device,
                 num_valid=-1 if num_valid is None else num_valid,
-                starts=segment_starts,
+                resets=segment_resets,
                 new_start=window.new_start,
                 loss_on_overlap=loss_on_overlap,
                 burn_in=window.burn_in,
             )
             yield PlannedSegment(data, info, window.carry_at)
 
-    first = None if starts is None else starts[:, 0].clone()
+    first = None if marks is None else marks[:, 0].clone()
     return SegmentPlan(
         len(bounds),
         build,
         batch_size=rows,
         time_length=padded,
         lengths=on_cpu,
-        first_starts=first,
+        first_resets=first,
         burn_in_segments=sum(window.burn_in for window in bounds),
     )
 
 
-def _starts_in_batch(
-    given: torch.Tensor, segment_starts: torch.Tensor, index: int, rows: torch.Tensor | None, time_dim: int
+def _resets_in_batch(
+    given: torch.Tensor, segment_resets: torch.Tensor, index: int, rows: torch.Tensor | None, time_dim: int
 ) -> torch.Tensor:
     """The markers a segment's batch holds: in the form, dtype and device the batch had them."""
     if given.dim() == 1:
-        flags = segment_starts[:, 0] if index == 0 else torch.zeros(segment_starts.shape[0], dtype=torch.bool)
+        flags = segment_resets[:, 0] if index == 0 else torch.zeros(segment_resets.shape[0], dtype=torch.bool)
         return flags.to(given.device, non_blocking=True)
-    laid_out = segment_starts.t() if time_dim == 0 else segment_starts
+    laid_out = segment_resets.t() if time_dim == 0 else segment_resets
     return laid_out.to(given.device, non_blocking=True)
 
 

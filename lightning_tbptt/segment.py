@@ -57,9 +57,9 @@ class Segment:
     """Device of the segment's tensors (where :attr:`mask` is created)."""
     num_valid: int = -1
     """Number of valid time steps, the number of ``True`` in :attr:`mask` (derived when not given)."""
-    starts: Tensor | None = None
-    """Boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new sequence (its recurrent state is
-    zeroed right before that step); ``None`` when the batch has no reset markers."""
+    resets: Tensor | None = None
+    """The reset markers: boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new sequence (its
+    recurrent state is zeroed right before that step); ``None`` when the batch has no reset markers."""
     new_start: int = 0
     """Offset of the segment's first *new* time step: with overlapping windows (``stride`` < ``segment_length``) the
     steps before it were already trained in the previous window; for a burn-in prefix, the segment's length."""
@@ -82,6 +82,11 @@ class Segment:
             else:
                 valid = int((self.lengths - self.new_start).clamp(min=0).sum())
             object.__setattr__(self, "num_valid", valid)
+
+    @property
+    def starts(self) -> Tensor | None:
+        """The same as :attr:`resets` (its name in release 0.1.0)."""
+        return self.resets
 
     @property
     def stop(self) -> int | None:

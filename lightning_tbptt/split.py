@@ -34,6 +34,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_tbptt.errors import BatchError
+from lightning_tbptt.windows import windows
 
 _MAX_SHAPES_SHOWN = 8
 
@@ -144,7 +145,7 @@ def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
         [(0, 4), (4, 8), (8, 10)]
 
     """
-    return [(start, min(start + segment_length, length)) for start in range(0, length, segment_length)]
+    return [(window.start, window.stop) for window in windows(length, segment_length)]
 
 
 def batch_dim(time_dim: int) -> int:

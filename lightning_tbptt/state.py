@@ -211,19 +211,23 @@ def _state_argument(name: str, module: nn.Module) -> str:
     return parameters[1].name
 
 
-class _Stream:
-    """The carried state of one stream of batches (training, or evaluation)."""
+class CarriedState:
+    """The carried state of one stream of batches (training, or evaluation).
+
+    Owned by its :class:`~lightning_tbptt.streams.Stream`: the state of each module and the rows of the batch it holds.
+    """
 
     def __init__(self) -> None:
         self.carried: dict[str, Any] = {}
         self.rows: dict[str, tuple[Tensor | None, int]] = {}
 
     def clear(self) -> None:
+        """Forget every state: the stream starts from zeros."""
         self.carried.clear()
         self.rows.clear()
 
 
-class _Cuts:
+class _Splits:
     """Where, inside one segment, the recurrent calls are split.
 
     ``first`` is the ``(B,)`` mask of rows whose state is zeroed before the segment's first step (or ``None``);
@@ -231,15 +235,15 @@ class _Cuts:
     new sequence there (or ``None``) and whether the state there is the one carried into the next segment.
     """
 
-    def __init__(self, length: int, starts: Tensor | None, carry_at: int | None) -> None:
+    def __init__(self, length: int, resets: Tensor | None, carry_at: int | None) -> None:
         self.length = length
         self.first = None
         marked: dict[int, Tensor | None] = {}
-        if starts is not None:
-            first = starts[:, 0]
+        if resets is not None:
+            first = resets[:, 0]
             self.first = first if bool(first.any()) else None
-            columns = torch.nonzero(starts[:, 1:].any(dim=0)).flatten() + 1
-            marked = {int(c): starts[:, int(c)] for c in columns}
+            columns = torch.nonzero(resets[:, 1:].any(dim=0)).flatten() + 1
+            marked = {int(c): resets[:, int(c)] for c in columns}
         self.carry_at = carry_at if carry_at is not None and 0 < carry_at < length else None
         steps = sorted(set(marked) | ({self.carry_at} if self.carry_at is not None else set()))
         self.cuts = [(c, marked.get(c), c == self.carry_at) for c in steps]
@@ -281,7 +285,7 @@ class StateCarrier:
         self.time_dim = time_dim
         self.reset_nonfinite = reset_nonfinite
         self._alive = alive
-        self._streams: dict[str, _Stream] = {}
+        self._streams: dict[str, CarriedState] = {}
         self._stream = self._stream_named("train")
         self._pending: dict[str, Any] = {}
         self._pieces: dict[str, tuple[list[Tensor], int]] = {}
@@ -291,7 +295,7 @@ class StateCarrier:
         self._nonfinite: list[tuple[Tensor, Tensor | None]] = []
         self._active = False
         self._length = 0
-        self._resets: _Cuts | None = None
+        self._splits: _Splits | None = None
         self._handles: list[RemovableHandle] = []
         arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
         self._cells = {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
@@ -319,8 +323,8 @@ class StateCarrier:
                 " from zeros in every segment."
             ) from error
 
-    def _stream_named(self, stream: str) -> _Stream:
-        return self._streams.setdefault(stream, _Stream())
+    def _stream_named(self, stream: str) -> CarriedState:
+        return self._streams.setdefault(stream, CarriedState())
 
     @property
     def carried(self) -> dict[str, Any]:
@@ -361,8 +365,8 @@ class StateCarrier:
         self,
         rows: Tensor | None = None,
         batch_size: int = 0,
-        starts: Tensor | None = None,
-        stream: str = "train",
+        resets: Tensor | None = None,
+        stream: "str | CarriedState" = "train",
         length: int = 0,
         carry_at: int | None = None,
     ) -> Iterator[None]:
@@ -372,10 +376,11 @@ class StateCarrier:
             rows: Indices (sorted, on the CPU) of the batch rows this segment holds, when finished rows are dropped;
                 each carried state is first restricted to them. ``None``: every row of the batch.
             batch_size: Number of rows of the segment.
-            starts: Boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new sequence: that row's
-                state is zeroed right before that step (a call is split there when the step is inside the segment).
-                ``None``: no row starts anew.
-            stream: Whose state is carried (``"train"``, or an evaluation stream).
+            resets: The reset markers, a boolean ``(B, T_seg)`` tensor on the CPU, ``True`` where a row starts a new
+                sequence: that row's state is zeroed right before that step (a call is split there when the step is
+                inside the segment). ``None``: no row starts anew.
+            stream: Whose state is carried: a :class:`CarriedState`, or the name of one the carrier keeps
+                (``"train"``, or an evaluation stream).
             length: Number of time steps of the segment (needed with ``carry_at``; with it, a recurrent module that
                 reads time along the batch's rows is refused). 0: unknown.
             carry_at: Carry into the next segment the state after this many steps of the segment (the calls are split
@@ -388,12 +393,12 @@ class StateCarrier:
                 carry point inside it (which call is which step would be unknown).
 
         """
-        self._stream = self._stream_named(stream)
+        self._stream = stream if isinstance(stream, CarriedState) else self._stream_named(stream)
         if rows is not None:
             self._restrict(rows)
-        length = length if starts is None else starts.shape[1]
-        cuts = _Cuts(length, starts, carry_at)
-        self._resets = cuts if cuts.needed else None
+        length = length if resets is None else resets.shape[1]
+        splits = _Splits(length, resets, carry_at)
+        self._splits = splits if splits.needed else None
         self._length = length
         self._active = True
         try:
@@ -406,7 +411,7 @@ class StateCarrier:
             raise
         finally:
             self._active = False
-            self._resets = None
+            self._splits = None
             self._calls.clear()
             self._captured.clear()
         bad_rows = None
@@ -422,15 +427,15 @@ class StateCarrier:
             self._nonfinite.append((bad_rows, rows))
 
     def _check_cell_calls(self) -> None:
-        resets = self._resets
-        if resets is None or not resets.cuts:
+        splits = self._splits
+        if splits is None or not splits.cuts:
             return
         for name in self._cells:
             calls = self._calls.get(name, 0)
-            if calls not in (0, resets.length):
+            if calls not in (0, splits.length):
                 raise ModelError(
                     f"Expected the recurrent cell `{name}` ({type(self.modules[name]).__name__}) to be called once per"
-                    f" time step of the segment ({resets.length}) but it was called {calls} times: where a sequence"
+                    f" time step of the segment ({splits.length}) but it was called {calls} times: where a sequence"
                     " starts inside a segment (`resets`) or the next window starts (`stride`), the library must know"
                     " which call is which step. Step the cell once per time step, in order, or start new sequences"
                     " only at batch boundaries and do not set `stride`."
@@ -540,11 +545,11 @@ class StateCarrier:
             self._check_rnn_input(name, module, inputs, state if explicit is None else None)
         if explicit is not None:
             return None  # a state passed explicitly always wins
-        resets = self._resets
-        if resets is not None and resets.first is not None and state is not None:
-            state = self._zero_rows(name, state, resets.first)
-        if resets is not None and resets.cuts:
-            args, kwargs, state = self._run_pieces(name, module, args, kwargs, argument, state, resets)
+        splits = self._splits
+        if splits is not None and splits.first is not None and state is not None:
+            state = self._zero_rows(name, state, splits.first)
+        if splits is not None and splits.cuts:
+            args, kwargs, state = self._run_pieces(name, module, args, kwargs, argument, state, splits)
         if state is None:
             return None
         if len(args) >= 2:
@@ -564,15 +569,15 @@ class StateCarrier:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         """A cell's call ``call`` of the segment: its input is time step ``call``, its state the previous step's."""
         state = explicit
-        resets = self._resets
+        splits = self._splits
         if state is None:
             state = self._stream.carried.get(name)
-            if state is not None and resets is not None and resets.first is not None and call == 0:
-                state = self._zero_rows(name, state, resets.first)
+            if state is not None and splits is not None and splits.first is not None and call == 0:
+                state = self._zero_rows(name, state, splits.first)
         if state is not None and isinstance(inputs, Tensor) and inputs.dim() == 2:
             self._check_rows(name, module, inputs.shape[0], state)
-        if state is not None and resets is not None and call > 0:
-            marked = next((rows for step, rows, _ in resets.cuts if step == call), None)
+        if state is not None and splits is not None and call > 0:
+            marked = next((rows for step, rows, _ in splits.cuts if step == call), None)
             if marked is not None:
                 state = self._zero_rows(name, state, marked)  # a new sequence starts at this step
         if state is None or state is explicit:
@@ -625,7 +630,7 @@ class StateCarrier:
         kwargs: dict[str, Any],
         argument: str,
         state: Any,
-        resets: _Cuts,
+        splits: _Splits,
     ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
         """Run the call up to the segment's last cut piece by piece, zeroing the rows that start anew between pieces.
 
@@ -638,12 +643,12 @@ class StateCarrier:
         input_name = self._input_names[name]
         inputs = kwargs.get(input_name) if by_keyword else args[0]
         time_dim = self._time_dims[name]
-        if not isinstance(inputs, Tensor) or inputs.dim() <= time_dim or inputs.shape[time_dim] != resets.length:
+        if not isinstance(inputs, Tensor) or inputs.dim() <= time_dim or inputs.shape[time_dim] != splits.length:
             got = f"shape {tuple(inputs.shape)}" if isinstance(inputs, Tensor) else type(inputs).__name__
             raise ModelError(
                 f"Cannot split the call of `{name}` ({type(module).__name__}) inside a segment (where a sequence starts"
                 " anew, or with `stride` where the next window starts): expected its input to be a tensor with the"
-                f" segment's {resets.length} time steps along dimension {time_dim} but got {got}. Call the recurrent"
+                f" segment's {splits.length} time steps along dimension {time_dim} but got {got}. Call the recurrent"
                 " module on the segment's time steps (padded, not packed), or start new sequences only at batch"
                 " boundaries and do not set `stride`."
             )
@@ -651,7 +656,7 @@ class StateCarrier:
         extra_kwargs = {key: value for key, value in kwargs.items() if key not in (input_name, argument)}
 
         def cut(value: Any, start: int, stop: int) -> Any:
-            if isinstance(value, Tensor) and value.dim() > time_dim and value.shape[time_dim] == resets.length:
+            if isinstance(value, Tensor) and value.dim() > time_dim and value.shape[time_dim] == splits.length:
                 return value.narrow(time_dim, start, stop - start)
             return value
 
@@ -664,7 +669,7 @@ class StateCarrier:
 
         outputs: list[Tensor] = []
         start = 0
-        for stop, rows, carried in resets.cuts:
+        for stop, rows, carried in splits.cuts:
             piece_input, piece_args, piece_kwargs = piece(start, stop)
             output, state = module.forward(piece_input, state, *piece_args, **piece_kwargs)
             outputs.append(output)
@@ -674,7 +679,7 @@ class StateCarrier:
                 state = self._zero_rows(name, state, rows)
             start = stop
         self._pieces[name] = (outputs, time_dim)
-        last_input, last_args, last_kwargs = piece(start, resets.length)
+        last_input, last_args, last_kwargs = piece(start, splits.length)
         if by_keyword:
             return (), {input_name: last_input, **last_kwargs}, state
         if len(args) >= 2:  # the state was given positionally (as None): it stays there
@@ -686,10 +691,10 @@ class StateCarrier:
             return None
         if name in self._cells:  # a cell returns its new state (``h``, or ``(h, c)``)
             calls = self._calls[name] = self._calls.get(name, 0) + 1
-            resets = self._resets
+            splits = self._splits
             if name not in self._captured:
                 self._pending[name] = output
-            if resets is not None and resets.carry_at == calls:
+            if splits is not None and splits.carry_at == calls:
                 self._captured[name] = output  # the next window starts here: carry the state after this step
             return None
         self._calls[name] = self._calls.get(name, 0) + 1

@@ -17,8 +17,9 @@ import pytest
 import torch
 
 import lightning_tbptt
-from lightning_tbptt import demo, plan
+from lightning_tbptt import TBPTTCallback, demo
 from lightning_tbptt.__main__ import build_parser, main
+from lightning_tbptt.windows import windows as plan_windows
 
 # a small corpus, lanes and model: a run of a few seconds
 TINY = [
@@ -99,11 +100,14 @@ def test_state_is_carried_from_segment_to_segment_and_batch_to_batch(monkeypatch
     assert seen == [(step, step > 0) for step in range(12)]
 
 
-def test_steps_in_batch_counts_the_planned_windows():
+def test_the_demo_counts_steps_with_the_librarys_window_geometry():
+    # the demo's step counts are the callback's: one implementation of where segments lie, the one the plans use
     for length, segment_length, stride, burn_in in itertools.product([64, 100, 128], [16, 30], [None, 8, 16], [0, 5]):
-        windows = plan.windows(length, segment_length, stride, burn_in)
-        trained = sum(not window.burn_in for window in windows)
-        assert demo.steps_in_batch(length, segment_length, stride, burn_in) == trained
+        trained = sum(not window.burn_in for window in plan_windows(length, segment_length, stride, burn_in))
+        callback = TBPTTCallback(segment_length, stride=stride, burn_in=burn_in)
+        assert callback.training_segments(length) == trained
+        assert callback.training_segments(length, fresh=False) == len(plan_windows(length, segment_length, stride))
+    assert "steps_in_batch" not in vars(demo)
 
 
 def test_overlapping_windows_and_burn_in(capsys):
@@ -454,5 +458,5 @@ def test_end_of_batch_follows_the_burn_in_and_the_short_last_batch_of_each_epoch
     ends = [2, 4, 6, 7, 9, 11, 13, 14]
     for max_steps in range(1, 15):
         expected = min(end for end in ends if end >= max_steps)
-        assert demo.end_of_batch(max_steps, 200, 64, 32, None, 16) == expected, max_steps
-    assert demo.end_of_batch(5, 200, 64, 32, 16, 0) == 6  # windows every 16 steps: 3, 3, 3, 1
+        assert demo.end_of_batch(max_steps, 200, 64, TBPTTCallback(32, burn_in=16)) == expected, max_steps
+    assert demo.end_of_batch(5, 200, 64, TBPTTCallback(32, stride=16)) == 6  # windows every 16 steps: 3, 3, 3, 1

@@ -74,7 +74,7 @@ def test_a_module_transfer_hook_is_seen_in_either_namespace(tmp_path, namespace)
     model = regressor(namespace, on_after_batch_transfer=on_after_batch_transfer)().double()
     callback = TBPTTCallback(5)
     make_trainer(tmp_path, [callback], namespace=namespace, limit_train_batches=1).fit(model, make_loader())
-    assert callback._transfer == "batch"  # the hook may change the layout: it sees whole batches
+    assert callback._fit.transfer == "batch"  # the hook may change the layout: it sees whole batches
     assert moved == [23]
 
 
@@ -156,26 +156,33 @@ def test_lightning_keeps_logging_to_the_namespace_imported_first(first, logger):
 
 def test_a_fit_logs_in_the_namespace_of_its_trainer(tmp_path):
     # `lightning_tbptt` imported first points the shared logger at `pytorch_lightning`; a `lightning.pytorch` fit
-    # must log where a `lightning.pytorch` user configured logging
+    # must log where a `lightning.pytorch` user configured logging, and leave the logger as it found it
     code = f"""
 import lightning_tbptt, lightning_utilities.core.rank_zero as r
 import lightning.pytorch as L
 from tests.test_namespaces import regressor
 from tests.helpers import make_loader, make_trainer
 before = r.log.name
-make_trainer({str(tmp_path)!r}, [lightning_tbptt.TBPTTCallback(5)], namespace=L, limit_train_batches=1).fit(
-    regressor(L)().double(), make_loader()
-)
-print(before, r.log.name, r.rank_zero_deprecation_category.__module__)
+class During(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.names = r.log.name, r.rank_zero_deprecation_category.__module__
+during = During()
+callbacks = [lightning_tbptt.TBPTTCallback(5), during]
+trainer = make_trainer({str(tmp_path)!r}, callbacks, namespace=L, limit_train_batches=1)
+trainer.fit(regressor(L)().double(), make_loader())
+print(before, *during.names, r.log.name, r.rank_zero_deprecation_category.__module__)
 """
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=180, cwd=root
     )
-    before, after, category = result.stdout.split()[-3:]
+    before, during, category, after, category_after = result.stdout.split()[-5:]
     assert before == "pytorch_lightning.utilities.rank_zero"
-    assert after == "lightning.pytorch.utilities.rank_zero"
+    assert during == "lightning.pytorch.utilities.rank_zero"
     assert category == "lightning.fabric.utilities.rank_zero"
+    # put back after the fit: importing or using the library leaves the global logger where the user's imports put it
+    assert after == before
+    assert category_after == "lightning_fabric.utilities.rank_zero"
 
 
 @NAMESPACES

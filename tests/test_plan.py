@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_tbptt import BatchError
-from lightning_tbptt.lengths import LengthsLocation
+from lightning_tbptt.fields import FieldLocation
 from lightning_tbptt.plan import plan_custom_segments, plan_segments
 
 
@@ -28,7 +28,7 @@ def test_without_lengths_every_step_counts():
 def test_segments_stop_at_the_longest_sequence_and_carry_their_own_lengths():
     batch = padded_batch()
     batch["lengths"] = torch.tensor([7, 5, 9, 1])  # padded to 12, longest 9
-    segments = list(plan_segments(batch, 4, lengths=LengthsLocation("lengths")))
+    segments = list(plan_segments(batch, 4, lengths=FieldLocation("lengths")))
     assert [(s.info.start, s.info.length) for s in segments] == [(0, 4), (4, 4), (8, 1)]
     assert [s.batch["lengths"].tolist() for s in segments] == [[4, 4, 4, 1], [3, 1, 4, 0], [0, 0, 1, 0]]
     assert [s.batch["x"].shape[1] for s in segments] == [4, 4, 1]
@@ -40,7 +40,7 @@ def test_segments_stop_at_the_longest_sequence_and_carry_their_own_lengths():
 
 def test_dropping_finished_rows():
     batch = padded_batch()  # lengths 12, 5, 9, 1
-    segments = list(plan_segments(batch, 4, lengths=LengthsLocation("lengths"), drop_finished=True))
+    segments = list(plan_segments(batch, 4, lengths=FieldLocation("lengths"), drop_finished=True))
     rows = [None if s.info.rows is None else s.info.rows.tolist() for s in segments]
     assert rows == [None, [0, 1, 2], [0, 2]]
     assert [s.batch["label"].tolist() for s in segments] == [[0, 1, 2, 3], [0, 1, 2], [0, 2]]
@@ -51,14 +51,14 @@ def test_dropping_finished_rows():
 
 def test_rows_of_length_zero_are_dropped_from_the_first_segment():
     batch = {"x": torch.zeros(3, 6, 1), "lengths": torch.tensor([6, 0, 2])}
-    first = next(iter(plan_segments(batch, 4, lengths=LengthsLocation("lengths"), drop_finished=True)))
+    first = next(iter(plan_segments(batch, 4, lengths=FieldLocation("lengths"), drop_finished=True)))
     assert first.info.rows.tolist() == [0, 2]
 
 
 def test_time_first_batches_with_lengths_by_index():
     x = torch.zeros(10, 3, 2)  # (T, B, F)
     batch = (x, torch.tensor([10, 4, 6]))
-    segments = list(plan_segments(batch, 4, time_dim=0, lengths=LengthsLocation(1), drop_finished=True))
+    segments = list(plan_segments(batch, 4, time_dim=0, lengths=FieldLocation(1), drop_finished=True))
     assert [s.batch[0].shape for s in segments] == [(4, 3, 2), (4, 2, 2), (2, 1, 2)]
     assert segments[1].info.sequence_mask.shape == (4, 2)
 
@@ -66,7 +66,7 @@ def test_time_first_batches_with_lengths_by_index():
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
 def test_every_integer_dtype_of_lengths_gives_the_same_segments(dtype):
     batch = (torch.zeros(2, 10, 1), torch.tensor([10, 3], dtype=dtype))
-    segments = list(plan_segments(batch, 4, lengths=LengthsLocation(1)))
+    segments = list(plan_segments(batch, 4, lengths=FieldLocation(1)))
     assert [s.info.lengths.tolist() for s in segments] == [[4, 3], [4, 0], [2, 0]]
     assert all(s.info.lengths.dtype == torch.int64 for s in segments)
     assert all(s.batch[1].dtype == dtype for s in segments), "written back with the batch's own dtype"
@@ -83,7 +83,7 @@ def test_dataclass_batches_are_copied_not_re_initialised():
             self.derived = self.lengths * 2  # would fail if __init__ ran again with lengths=None
 
     segments = list(
-        plan_segments(Batch(torch.zeros(2, 6, 1), torch.tensor([6, 2])), 4, lengths=LengthsLocation("lengths"))
+        plan_segments(Batch(torch.zeros(2, 6, 1), torch.tensor([6, 2])), 4, lengths=FieldLocation("lengths"))
     )
     assert [s.batch.lengths.tolist() for s in segments] == [[4, 2], [2, 0]]
     assert [s.batch.x.shape[1] for s in segments] == [4, 2]
@@ -92,12 +92,12 @@ def test_dataclass_batches_are_copied_not_re_initialised():
 def test_callable_lengths_in_a_time_first_batch_say_how_to_fix_it():
     batch = {"x": torch.zeros(10, 3, 2), "n": torch.tensor([10, 4, 2])}
     with pytest.raises(BatchError, match=r"pass its key or index instead") as error:
-        plan_segments(batch, 4, time_dim=0, lengths=LengthsLocation(lambda b: b["n"]))
+        plan_segments(batch, 4, time_dim=0, lengths=FieldLocation(lambda b: b["n"]))
     assert "split_batch" not in str(error.value), "a custom split cannot be combined with lengths"
 
 
 def test_plans_build_one_segment_at_a_time():
-    plan = plan_segments(padded_batch(), 2, lengths=LengthsLocation("lengths"))
+    plan = plan_segments(padded_batch(), 2, lengths=FieldLocation("lengths"))
     iterator = iter(plan)
     first = next(iterator)
     assert first.info.index == 0
@@ -107,7 +107,7 @@ def test_plans_build_one_segment_at_a_time():
 def test_a_batch_of_empty_sequences_is_rejected():
     batch = {"x": torch.zeros(2, 3), "lengths": torch.tensor([0, 0])}
     with pytest.raises(BatchError, match=r"every length at batch\['lengths'\] is 0"):
-        plan_segments(batch, 2, lengths=LengthsLocation("lengths"))
+        plan_segments(batch, 2, lengths=FieldLocation("lengths"))
 
 
 def test_custom_segments_must_follow_the_sequence_rule():

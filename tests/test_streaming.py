@@ -124,7 +124,7 @@ def test_a_reset_inside_a_segment_equals_running_the_two_pieces_separately():
     x = torch.randn(2, 10, 3, dtype=torch.float64, requires_grad=True)
     starts = torch.zeros(2, 10, dtype=torch.bool)
     starts[0, 4] = True
-    with carrier.segment(starts=starts):
+    with carrier.segment(resets=starts):
         out, _ = lstm(x)
     separately = torch.cat([lstm(x[:1, :4])[0], lstm(x[:1, 4:])[0]], dim=1)
     assert torch.allclose(out[:1], separately)
@@ -146,7 +146,7 @@ def test_a_reset_at_a_segment_start_zeroes_only_that_lane():
     with carrier.segment():
         gru(x[:4])
     starts = torch.tensor([[True, False, False, False], [False, False, False, False]])
-    with carrier.segment(starts=starts):
+    with carrier.segment(resets=starts):
         out, _ = gru(x[4:])
     assert torch.allclose(out[:, 0], gru(x[4:, :1])[0][:, 0]), "lane 0 starts from zeros"
     assert torch.allclose(out[:, 1], gru(x[:, 1:])[0][4:, 0]), "lane 1 continues"
@@ -169,7 +169,7 @@ def test_a_custom_cell_is_split_at_a_reset_too(tmp_path):
     x = torch.randn(3, 6, 3, dtype=torch.float64)
     starts = torch.zeros(3, 6, dtype=torch.bool)
     starts[2, 2] = True
-    with carrier.segment(starts=starts):
+    with carrier.segment(resets=starts):
         out, _ = cell(x)
     assert torch.allclose(out[2:, 2:], cell(x[2:, 2:])[0])
     assert torch.allclose(out[:2], cell(x[:2])[0])
@@ -270,7 +270,7 @@ def reset_once(module: torch.nn.Module, name: str, row: int, step: int, call: An
     x = torch.randn(2, 6, 3, dtype=torch.float64)
     starts = torch.zeros(2, 6, dtype=torch.bool)
     starts[row, step] = True
-    with carrier.segment(starts=starts):
+    with carrier.segment(resets=starts):
         out, _ = call(module, x)
     carrier.remove()
     return x, out

@@ -393,9 +393,9 @@ def test_the_messages_are_found():
     assert all(message.pattern.strip() for message in MESSAGES)
     ids = {unnumbered(message.id) for message in MESSAGES}
     # a message written once for several arguments counts once per argument, from the calls of its function
-    assert {f"callback.py ({name})" for name in ("segment_length", "stride", "truncated_bptt_steps")} <= ids
+    assert {f"config.py ({name})" for name in ("segment_length", "stride", "truncated_bptt_steps")} <= ids
     assert {"data.py (lanes)", "data.py (target_shift)", "data.py (num_workers)"} <= ids
-    assert "lengths.py (resets)" in ids
+    assert "fields.py (resets)" in ids
     # and once per flag of a loop over flags
     assert {"demo.py (--max-steps)", "demo.py (--embedding-size)"} <= ids
     assert any(message.source.startswith("'error: argument --resume") for message in MESSAGES)
@@ -439,9 +439,9 @@ def main():
 
 ENTRIES = {
     # a bullet of the page, by its opening, and a message only it quotes
-    "* ``Expected argument `segment_length` to be a positive integer": "callback.py (segment_length)",
+    "* ``Expected argument `segment_length` to be a positive integer": "config.py (segment_length)",
     "* ``Expected argument `lanes` to be a positive integer": "data.py (lanes)",
-    "* ``Expected argument `lengths` to be a key, an index": "lengths.py (resets)",
+    "* ``Expected argument `lengths` to be a key, an index": "fields.py (resets)",
     "* ``error: argument --max-steps: expected a positive integer": "demo.py (--val-every)",
     "* ``error: argument --resume: no checkpoint at": "demo.py",
 }

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError
 
 from lightning_tbptt import BatchError, ConfigurationError, MaskedMetric, TBPTTCallback, current_segment, masked_mean
-from lightning_tbptt.plan import windows
 from lightning_tbptt.state import detach_state
+from lightning_tbptt.windows import windows
 from tests.helpers import LR, MOMENTUM, SequenceRegressor, make_loader, make_trainer, parameters_equal, reference_tbptt
 
 K2, K1 = 7, 3  # windows of 7 steps every 3 steps; sequences of 23 steps: windows start at 0, 3, ..., 15, 18 (7 of them)
@@ -28,8 +28,8 @@ class WindowRegressor(SequenceRegressor):
         x, y = batch
         segment = current_segment()
         if not segment.burn_in:
-            carrier = self.trainer.callbacks[0]._carrier  # the state this window starts from
-            self.window_states.append(detach_state(carrier.carried_in("train").get("rnn")))
+            stream = self.trainer.callbacks[0]._fit.streams["train"]  # the state this window starts from
+            self.window_states.append(detach_state(stream.state.carried.get("rnn")))
         prediction = self(x)
         self.error.update(prediction.squeeze(-1), y.squeeze(-1))
         loss = masked_mean((prediction - y).pow(2).squeeze(-1))

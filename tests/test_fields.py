@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_tbptt import BatchError, ConfigurationError, TBPTTCallback
-from lightning_tbptt.lengths import LengthsLocation, check_lengths, segment_lengths
+from lightning_tbptt.fields import FieldLocation, check_lengths, segment_lengths
 from lightning_tbptt.plan import plan_segments
 from tests.helpers import SequenceRegressor, make_trainer
 
@@ -40,7 +40,7 @@ X = torch.zeros(2, 3)
     ids=["dict", "ordered-dict", "namedtuple", "dataclass", "tuple", "list-negative", "namedtuple-index", "path"],
 )
 def test_get_and_replace_keep_the_container_types(spec, batch, read_back):
-    where = LengthsLocation(spec)
+    where = FieldLocation(spec)
     assert where.get(batch) is LENGTHS
     new = torch.tensor([1, 0])
     replaced = where.replace(batch, new)
@@ -56,7 +56,7 @@ class Frozen:
 
 
 def test_a_frozen_dataclass_is_refused_by_name():
-    where = LengthsLocation("lengths")
+    where = FieldLocation("lengths")
     assert where.get(Frozen(X, LENGTHS)) is LENGTHS
     with pytest.raises(
         BatchError, match=r"Expected the Frozen holding lengths at batch\['lengths'\] to be a dataclass"
@@ -66,7 +66,7 @@ def test_a_frozen_dataclass_is_refused_by_name():
 
 def test_callable_lengths_are_read_only():
     batch = {"x": X, "n": LENGTHS}
-    where = LengthsLocation(lambda b: b["n"])
+    where = FieldLocation(lambda b: b["n"])
     assert where.get(batch) is LENGTHS
     assert not where.writable
     assert where.replace(batch, None) is batch
@@ -75,7 +75,7 @@ def test_callable_lengths_are_read_only():
 @pytest.mark.parametrize("spec", [None, True, 2.0, (), ("a", 1.5), []], ids=repr)
 def test_invalid_specs(spec):
     with pytest.raises(ConfigurationError, match=r"`lengths` to be a key, an index, a tuple of keys and indices"):
-        LengthsLocation(spec)
+        FieldLocation(spec)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_invalid_specs(spec):
 )
 def test_lengths_not_found(spec, batch, match):
     with pytest.raises(BatchError, match=match):
-        LengthsLocation(spec).get(batch)
+        FieldLocation(spec).get(batch)
 
 
 @pytest.mark.parametrize(
@@ -150,15 +150,15 @@ PLACE_IDS = ["tuple-index", "tuple-key", "namedtuple-field", "tensor-index", "da
 @pytest.mark.parametrize(("spec", "batch", "match"), PLACES_THAT_DO_NOT_EXIST, ids=PLACE_IDS)
 def test_replacing_at_a_place_that_does_not_exist_is_a_batch_error(spec, batch, match):
     with pytest.raises(BatchError, match=r"Expected the batch to hold lengths at .*" + match):
-        LengthsLocation(spec).replace(batch, None)
+        FieldLocation(spec).replace(batch, None)
     with pytest.raises(BatchError, match=r"Expected the batch to hold resets at .*" + match):
-        LengthsLocation(spec, argument="resets").replace(batch, None)
+        FieldLocation(spec, argument="resets").replace(batch, None)
 
 
 @pytest.mark.parametrize(("spec", "batch", "match"), PLACES_THAT_DO_NOT_EXIST, ids=PLACE_IDS)
 @pytest.mark.parametrize("argument", ["lengths", "resets"])
 def test_planning_a_batch_without_the_place_is_a_batch_error(spec, batch, match, argument):
-    location = LengthsLocation(spec, argument=argument)
+    location = FieldLocation(spec, argument=argument)
     with pytest.raises(BatchError, match=rf"Expected the batch to hold {argument} at .*" + match):
         plan_segments(batch, 2, **{argument: location})
 

@@ -1,6 +1,7 @@
-"""Where a batch carries the lengths of its padded sequences, and the lengths within each segment.
+"""The fields the callback reads from a batch: the lengths of its padded sequences and its reset markers.
 
-``TBPTTCallback(lengths=...)`` names the place of a 1-D integer tensor of size ``B`` in the batch:
+``TBPTTCallback(lengths=...)`` names the place of a 1-D integer tensor of size ``B`` in the batch, and
+``TBPTTCallback(resets=...)`` the place of the reset markers, in the same forms (:class:`FieldLocation`):
 
 * a string: a key of a mapping, or a field of a namedtuple or dataclass (``lengths="lengths"``);
 * an integer: a position in a tuple or list (``lengths=2`` for ``(x, y, lengths)``);
@@ -12,7 +13,7 @@ There is no auto-detection: a 1-D integer tensor of size ``B`` could as well be 
 
 Example:
     >>> import torch
-    >>> where = LengthsLocation(2)
+    >>> where = FieldLocation(2)
     >>> batch = (torch.zeros(2, 5), torch.zeros(2, 5), torch.tensor([5, 2]))
     >>> where.get(batch)
     tensor([5, 2])
@@ -20,7 +21,7 @@ Example:
     tensor([3, 0])
     >>> segment_lengths(torch.tensor([5, 2]), start=3, size=2)
     tensor([2, 0])
-    >>> LengthsLocation("lengths").get({"x": torch.zeros(2, 5)})
+    >>> FieldLocation("lengths").get({"x": torch.zeros(2, 5)})
     Traceback (most recent call last):
       ...
     lightning_tbptt.errors.BatchError: Expected the batch to hold lengths at batch['lengths'] (from `TBPTTCallback(lengths='lengths')`) but the dict has no key 'lengths' (its keys: ['x']). Set `lengths` to where your collate function puts them.
@@ -40,23 +41,22 @@ from lightning_tbptt.errors import BatchError, ConfigurationError
 Key: TypeAlias = int | str
 # In this order (int before str, callable before str) a config parser such as LightningCLI's (jsonargparse) reads
 # `2` as an index and `package.function` as a callable by its import path.
-LengthsSpec: TypeAlias = int | tuple[Key, ...] | Callable[[Any], Any] | str
+FieldSpec: TypeAlias = int | tuple[Key, ...] | Callable[[Any], Any] | str
 
 
-class LengthsLocation:
-    """Reads (and writes back) the per-sequence lengths of a batch at the place named by ``spec``.
+class FieldLocation:
+    """Reads (and writes back) one field of a batch (its lengths, or its reset markers) at the place named by ``spec``.
 
     Args:
         spec: See the module documentation.
-        argument: The callback argument ``spec`` came from, for messages (the same kinds of places name the reset
-            markers, ``resets=...``).
+        argument: The callback argument ``spec`` came from (``"lengths"`` or ``"resets"``), for messages.
 
     Raises:
         ConfigurationError: If ``spec`` is none of the accepted forms.
 
     """
 
-    def __init__(self, spec: LengthsSpec, argument: str = "lengths") -> None:
+    def __init__(self, spec: FieldSpec, argument: str = "lengths") -> None:
         self.spec = spec
         self.argument = argument
         if callable(spec) and not isinstance(spec, (str, int, tuple)):

@@ -1,0 +1,435 @@
+"""The callback's settings as frozen values, and every combination it refuses, as one table.
+
+``TBPTTCallback`` takes flat keyword arguments (they suit ``LightningCLI``); :meth:`Settings.from_arguments` checks
+each value and turns them into a :class:`Settings`: the window :class:`~lightning_tbptt.windows.Geometry`, the
+:class:`BatchLayout` (where time and the lengths and reset markers are) and the rest. What a fit adds (the module's
+segment length, a custom split, Lightning 1.x ``hiddens``, the strategy) is gathered once into :class:`FitFacts`.
+:data:`REFUSALS` lists every combination refused, in the order they are checked; :func:`refuse` raises the first that
+applies at a stage: ``"init"`` (the arguments alone), ``"setup"`` (any stage of a fit) or ``"training"``.
+
+Example:
+    >>> settings = Settings.from_arguments(segment_length=8, stride=4)
+    >>> settings.geometry.overlaps, settings.layout.time_dim
+    (True, 1)
+    >>> Settings.from_arguments(segment_length=8, drop_finished=True)
+    Traceback (most recent call last):
+      ...
+    lightning_tbptt.errors.ConfigurationError: Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be dropped once their sequence is known to have ended. Pass e.g. `lengths='lengths'`.
+
+"""  # noqa: E501
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from lightning_tbptt.errors import ConfigurationError, ModelError, TBPTTError
+from lightning_tbptt.fields import FieldLocation, FieldSpec
+from lightning_tbptt.schedule import STEP_PER_CHOICES, StepPer
+from lightning_tbptt.windows import LOSS_ON_CHOICES, Geometry, LossOn
+
+Transfer = Literal["segment", "batch"]
+TRANSFER_CHOICES: tuple[Transfer, ...] = ("segment", "batch")
+LogEvery = Literal["step", "batch"]
+LOG_EVERY_CHOICES: tuple[LogEvery, ...] = ("step", "batch")
+NonfiniteState = Literal["keep", "reset"]
+NONFINITE_STATE_CHOICES: tuple[NonfiniteState, ...] = ("keep", "reset")
+Stage = Literal["init", "setup", "training"]
+
+
+def check_positive_int(value: Any, argument: str, example: str) -> int:
+    """Return ``value`` if it is a positive integer (not a bool), else raise naming ``argument``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigurationError(
+            f"Expected argument `{argument}` to be a positive integer but got {value!r}. Pass the number of time"
+            f" steps per segment, e.g. `{example}`."
+        )
+    return value
+
+
+def _check_bool(value: Any, argument: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"Expected argument `{argument}` to be a bool but got {value!r}. Pass True or False.")
+    return value
+
+
+def _check_names(value: Any, argument: str) -> tuple[str, ...]:
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
+        return tuple(value)
+    raise ConfigurationError(
+        f"Expected argument `{argument}` to be a list of submodule names but got {value!r}. Pass e.g."
+        f" `{argument}=['encoder.cell']`."
+    )
+
+
+def _check_choice(value: Any, argument: str, choices: tuple[str, ...], hint: str) -> Any:
+    if value not in choices:
+        raise ConfigurationError(f"Expected argument `{argument}` to be one of {choices} but got {value!r}. {hint}")
+    return value
+
+
+def _check_non_negative_int(value: Any, argument: str, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(
+            f"Expected argument `{argument}` to be a non-negative integer but got {value!r}. {hint}"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where a batch holds time, the lengths of its sequences and its reset markers."""
+
+    time_dim: int = 1
+    lengths: FieldLocation | None = None
+    resets: FieldLocation | None = None
+    drop_finished: bool = False
+
+    @property
+    def has_fields(self) -> bool:
+        """Whether the batch carries lengths or reset markers (the planner then reads and rewrites them)."""
+        return self.lengths is not None or self.resets is not None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of a ``TBPTTCallback``, checked (see :meth:`from_arguments`)."""
+
+    geometry: Geometry
+    layout: BatchLayout
+    step_per: StepPer = "segment"
+    streaming: bool = False
+    evaluate: bool = True
+    transfer: Transfer | None = None
+    log_every: LogEvery = "step"
+    nonfinite_state: NonfiniteState = "keep"
+    recurrent_modules: tuple[str, ...] = ()
+    exclude_modules: tuple[str, ...] = ()
+
+    @classmethod
+    def from_arguments(
+        cls,
+        segment_length: int | None = None,
+        *,
+        time_dim: int = 1,
+        step_per: StepPer = "segment",
+        recurrent_modules: Sequence[str] = (),
+        exclude_modules: Sequence[str] = (),
+        lengths: FieldSpec | None = None,
+        drop_finished: bool = False,
+        streaming: bool = False,
+        resets: FieldSpec | None = None,
+        evaluate: bool = True,
+        transfer: Transfer | None = None,
+        stride: int | None = None,
+        loss_on: LossOn = "new",
+        burn_in: int = 0,
+        log_every: LogEvery = "step",
+        nonfinite_state: NonfiniteState = "keep",
+    ) -> "Settings":
+        """Check the arguments of ``TBPTTCallback`` one by one, then the combinations refused at ``"init"``.
+
+        Raises:
+            ConfigurationError: If an argument is invalid, or a combination is refused.
+
+        """
+        if segment_length is not None:
+            check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
+        if stride is not None:
+            check_positive_int(stride, "stride", "TBPTTCallback(segment_length=64, stride=16)")
+        refuse_stride_beyond(segment_length, stride)
+        _check_choice(
+            loss_on,
+            "loss_on",
+            LOSS_ON_CHOICES,
+            "Use 'new' for the loss on each window's new steps (every step counted once) or 'window' for every step"
+            " of a window.",
+        )
+        _check_non_negative_int(
+            burn_in,
+            "burn_in",
+            "Pass the number of steps run without gradient before a batch's first window to refresh the state, e.g."
+            " `burn_in=32`, or 0 for none.",
+        )
+        _check_non_negative_int(
+            time_dim,
+            "time_dim",
+            "Pass 1 for batch-first sequences `(B, T, ...)` or 0 for time-first sequences `(T, B, ...)`.",
+        )
+        _check_choice(
+            step_per,
+            "step_per",
+            STEP_PER_CHOICES,
+            "Use 'segment' for a step after every segment or 'batch' for one step per batch.",
+        )
+        _check_choice(
+            log_every,
+            "log_every",
+            LOG_EVERY_CHOICES,
+            "Use 'step' for a logger row per optimizer step or 'batch' for one row per batch, as Lightning does.",
+        )
+        _check_choice(
+            nonfinite_state,
+            "nonfinite_state",
+            NONFINITE_STATE_CHOICES,
+            "Use 'keep' to carry the state as it is or 'reset' to zero the rows whose state is not finite.",
+        )
+        if transfer is not None:
+            _check_choice(
+                transfer,
+                "transfer",
+                TRANSFER_CHOICES,
+                "Use 'segment' to move one segment at a time to the device or 'batch' to let Lightning move whole"
+                " batches.",
+            )
+        recurrent = _check_names(recurrent_modules, "recurrent_modules")
+        excluded = _check_names(exclude_modules, "exclude_modules")
+        drop = _check_bool(drop_finished, "drop_finished")
+        settings = cls(
+            geometry=Geometry(segment_length, stride, burn_in, loss_on),
+            layout=BatchLayout(
+                time_dim,
+                None if lengths is None else FieldLocation(lengths),
+                None if resets is None else FieldLocation(resets, argument="resets"),
+                drop,
+            ),
+            step_per=step_per,
+            streaming=_check_bool(streaming, "streaming"),
+            evaluate=_check_bool(evaluate, "evaluate"),
+            transfer=transfer,
+            log_every=log_every,
+            nonfinite_state=nonfinite_state,
+            recurrent_modules=recurrent,
+            exclude_modules=excluded,
+        )
+        refuse("init", settings)
+        return settings
+
+    def for_fit(self, segment_length: int) -> "Settings":
+        """These settings with the segment length a fit resolved."""
+        return dataclasses.replace(self, geometry=self.geometry.resolved(segment_length))
+
+    def as_set(self, argument: str) -> Any:
+        """The value of ``argument`` if it changes what is run, else ``None``: for the refusals.
+
+        ``stride`` counts only when windows overlap, ``burn_in`` only when positive, flags only when set.
+        """
+        geometry, layout = self.geometry, self.layout
+        values: dict[str, Any] = {
+            "lengths": None if layout.lengths is None else layout.lengths.spec,
+            "resets": None if layout.resets is None else layout.resets.spec,
+            "stride": geometry.stride if geometry.overlaps else None,
+            "burn_in": geometry.burn_in or None,
+            "drop_finished": layout.drop_finished or None,
+            "streaming": self.streaming or None,
+        }
+        return values[argument]
+
+    def saved(self) -> dict[str, Any]:
+        """The settings that decide what a resumed fit trains, as saved in checkpoints."""
+        geometry = self.geometry
+        return {
+            "segment_length": geometry.length,
+            "stride": geometry.effective_stride,
+            "burn_in": geometry.burn_in,
+            "step_per": self.step_per,
+            "time_dim": self.layout.time_dim,
+            "loss_on": geometry.loss_on,
+        }
+
+
+def refuse_stride_beyond(segment_length: int | None, stride: int | None) -> None:
+    """Refuse a stride longer than the segment length given to the callback."""
+    if segment_length is not None and stride is not None and stride > segment_length:
+        raise ConfigurationError(
+            f"Expected argument `stride` to be at most `segment_length={segment_length}` but got {stride}:"
+            " windows would leave steps between them untrained. Pass a stride between 1 and the segment"
+            " length (equal to it for plain TBPTT)."
+        )
+
+
+@dataclass(frozen=True)
+class FitFacts:
+    """What a fit's ``Trainer`` and ``LightningModule`` decide about the settings, gathered once in ``setup``."""
+
+    module: str = "LightningModule"
+    """The class name of the module."""
+    segment_length: int = 0
+    """The fit's segment length."""
+    segment_length_from_module: bool = False
+    """Whether it is the module's ``truncated_bptt_steps`` (Lightning 1.x style)."""
+    callbacks: int = 1
+    """The number of ``TBPTTCallback`` instances in ``Trainer(callbacks=...)``."""
+    callback: str = "TBPTTCallback"
+    """The class name of the callback (a subclass may override ``split_batch``)."""
+    module_splits: bool = False
+    """The module defines Lightning 1.x's ``tbptt_split_batch``."""
+    callback_splits: bool = False
+    """The callback's class overrides ``split_batch``."""
+    fetches_batches: bool = False
+    """``training_step`` takes a ``dataloader_iter``."""
+    hiddens_position: int | None = None
+    """The position of the ``hiddens`` parameter of ``training_step``, or ``None``."""
+    expected_hiddens_position: int = 2
+    """Where it must be: after ``batch`` and, if the step takes it, ``batch_idx``."""
+    step_signature: str = "(batch, batch_idx)"
+    automatic: bool = True
+    """The module uses automatic optimization."""
+    strategy: str = "Strategy"
+    strategy_accumulates: bool = False
+    """The strategy accumulates gradients itself (``Strategy.handles_gradient_accumulation``)."""
+
+    @property
+    def splitter(self) -> str | None:
+        """The custom split that cuts the batches, or ``None``."""
+        if self.module_splits:
+            return "tbptt_split_batch"
+        return "split_batch" if self.callback_splits else None
+
+
+Condition = Callable[[Settings, FitFacts], bool]
+Build = Callable[[Settings, FitFacts], TBPTTError]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One refused combination: at which stage it is checked, when it applies, and the error it raises."""
+
+    name: str
+    stage: Stage
+    applies: Condition
+    error: Build
+
+
+def _with_custom_split(argument: str) -> Refusal:
+    return Refusal(
+        f"{argument} with a custom split",
+        "setup",
+        lambda s, f: f.splitter is not None and s.as_set(argument) is not None,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback({argument}={s.as_set(argument)!r})` cannot be combined with a custom `{f.splitter}`: the"
+            f" start of its segments in the batch is unknown, so their {argument} are too. Drop one of the two."
+        ),
+    )
+
+
+def _with_hiddens(argument: str) -> Refusal:
+    return Refusal(
+        f"{argument} with hiddens",
+        "training",
+        lambda s, f: f.hiddens_position is not None and s.as_set(argument) is not None,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback({argument}={s.as_set(argument)!r})` cannot work with `hiddens`, whose layout the callback"
+            " does not know. Let the callback carry the RNN state (drop the `hiddens` argument of `training_step`),"
+            f" or do not set `{argument}`."
+        ),
+    )
+
+
+REFUSALS: tuple[Refusal, ...] = (
+    Refusal(
+        "drop_finished without lengths",
+        "init",
+        lambda s, f: s.layout.drop_finished and s.layout.lengths is None,
+        lambda s, f: ConfigurationError(
+            "Expected argument `lengths` to be set with `drop_finished=True` but got None: rows can only be"
+            " dropped once their sequence is known to have ended. Pass e.g. `lengths='lengths'`."
+        ),
+    ),
+    Refusal(
+        "drop_finished with streaming",
+        "init",
+        lambda s, f: s.layout.drop_finished and s.streaming,
+        lambda s, f: ConfigurationError(
+            "`TBPTTCallback(drop_finished=True)` cannot be combined with `streaming=True`: a dropped row's lane"
+            " would have no state in the next batch. Use `drop_finished=False`; mark where a lane's next sequence"
+            " starts with `resets`."
+        ),
+    ),
+    Refusal(
+        "several callbacks",
+        "setup",
+        lambda s, f: f.callbacks > 1,
+        lambda s, f: ConfigurationError(
+            f"Expected one `TBPTTCallback` in `Trainer(callbacks=...)` but got {f.callbacks}. Keep a single instance"
+            " with the segment length and options you want."
+        ),
+    ),
+    Refusal(
+        "stride beyond the module's segment length",
+        "setup",
+        lambda s, f: (
+            f.segment_length_from_module
+            and f.segment_length > 0
+            and s.geometry.stride is not None
+            and s.geometry.stride > f.segment_length
+        ),
+        lambda s, f: ConfigurationError(
+            f"Expected argument `stride` to be at most the segment length {f.segment_length} (the"
+            f" `truncated_bptt_steps` of {f.module}) but got {s.geometry.stride}. Pass a stride between 1 and the"
+            " segment length."
+        ),
+    ),
+    Refusal(
+        "two custom splits",
+        "setup",
+        lambda s, f: f.module_splits and f.callback_splits,
+        lambda s, f: ConfigurationError(
+            f"Both `{f.callback}.split_batch` and `{f.module}.tbptt_split_batch` are defined, so it is unclear which"
+            " one cuts the batches. Keep only one of them."
+        ),
+    ),
+    *(_with_custom_split(argument) for argument in ("lengths", "resets", "stride", "burn_in")),
+    Refusal(
+        "training_step(dataloader_iter)",
+        "training",
+        lambda s, f: f.fetches_batches,
+        lambda s, f: ModelError(
+            f"`{f.module}.training_step(dataloader_iter)` fetches its own batches, so `TBPTTCallback` cannot cut"
+            " them into segments. Take `training_step(batch, batch_idx)` instead."
+        ),
+    ),
+    Refusal(
+        "hiddens out of place",
+        "training",
+        lambda s, f: f.hiddens_position is not None and f.hiddens_position != f.expected_hiddens_position,
+        lambda s, f: ModelError(
+            f"Expected `{f.module}.training_step` to take `hiddens` as its argument after `batch` and `batch_idx` but"
+            f" got `training_step{f.step_signature}`. Use `training_step(self, batch, batch_idx, hiddens)`."
+        ),
+    ),
+    *(_with_hiddens(argument) for argument in ("drop_finished", "streaming", "resets", "stride", "burn_in")),
+    Refusal(
+        "burn_in with manual optimization",
+        "training",
+        lambda s, f: bool(s.geometry.burn_in) and not f.automatic,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(burn_in={s.geometry.burn_in})` cannot work with manual optimization: the burn-in steps"
+            f" run `{f.module}.training_step` without gradient, and that step makes its own backward and optimizer"
+            " steps. Use automatic optimization, or `burn_in=0`."
+        ),
+    ),
+    Refusal(
+        "step_per='batch' with a strategy that accumulates",
+        "training",
+        lambda s, f: s.step_per == "batch" and f.strategy_accumulates,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(step_per='batch')` cannot work with the strategy {f.strategy}: it accumulates gradients"
+            " itself and steps after every segment. Use `step_per='segment'` or another strategy."
+        ),
+    ),
+)
+"""Every combination refused, in the order checked."""
+
+
+def refuse(stage: Stage, settings: Settings, facts: FitFacts | None = None) -> None:
+    """Raise the error of the first refusal of :data:`REFUSALS` at ``stage`` that applies.
+
+    Raises:
+        ConfigurationError: Or ``ModelError`` (the module's step cannot work with the callback).
+
+    """
+    known = facts if facts is not None else FitFacts()
+    for refusal in REFUSALS:
+        if refusal.stage == stage and refusal.applies(settings, known):
+            raise refusal.error(settings, known)

@@ -1,0 +1,625 @@
+"""One fit (or evaluation run) of a ``TBPTTCallback``: everything that lives from ``setup`` to ``teardown``.
+
+:class:`Fit` is created by the callback in ``setup`` and dropped in ``teardown``; the callback's hooks only delegate to
+it. It owns the fit's settings (with the resolved segment length), the :class:`~lightning_tbptt.state.StateCarrier`,
+the training and evaluation :class:`~lightning_tbptt.streams.Stream`, the
+:class:`~lightning_tbptt.schedule.OptimizationSchedule`, the :class:`~lightning_tbptt.runner.SegmentRunner`, the
+patches of :mod:`lightning_tbptt._lightning_internals`, and the :class:`~lightning_tbptt.checkpoint.CheckpointRecord`
+of where the training epoch stands. Planning a batch, running it through the runner and keeping the record is here;
+how segments run is in the runner.
+"""
+
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from lightning_utilities.core.rank_zero import rank_zero_warn
+from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+from torch import Tensor
+
+from lightning_tbptt import compat
+from lightning_tbptt._lightning_internals import (
+    BatchContext,
+    EagerLogging,
+    FastDevRunPatch,
+    RankZeroLogging,
+    ReleaseOnError,
+    RunSegment,
+    StepLogging,
+    StrategyPatch,
+    TrainingLoopPatch,
+    batches_started_in_epoch,
+    call_training_step,
+    complete_batch_saved_at_batch_end,
+    resume_reruns_last_batch,
+    silenced_logging,
+    weighted_logging,
+)
+from lightning_tbptt.checkpoint import CheckpointRecord, check_carried
+from lightning_tbptt.config import FitFacts, Settings, Transfer, refuse
+from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
+from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
+from lightning_tbptt.namespaces import is_overridden
+from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
+from lightning_tbptt.progress import SegmentProgress
+from lightning_tbptt.runner import Operations, SegmentRunner
+from lightning_tbptt.schedule import Decision, OptimizationSchedule, StepPer
+from lightning_tbptt.segment import Segment
+from lightning_tbptt.state import StateCarrier, find_recurrent_modules, recurrent_candidates
+from lightning_tbptt.streams import EVAL, TRAIN, Stream
+
+
+def gather_facts(
+    settings: Settings,
+    trainer: "pl.Trainer",
+    module: "pl.LightningModule",
+    stage: str,
+    *,
+    callbacks: int = 1,
+    callback: str = "TBPTTCallback",
+    callback_splits: bool = False,
+) -> FitFacts:
+    """What the ``Trainer`` and the module decide about the callback's settings (see :class:`FitFacts`).
+
+    ``callbacks`` is the number of ``TBPTTCallback`` instances in the ``Trainer``, ``callback`` the class name of this
+    one, ``callback_splits`` whether its class overrides ``split_batch``.
+    """
+    segment_length = settings.geometry.segment_length
+    facts = FitFacts(
+        module=type(module).__name__,
+        callbacks=callbacks,
+        callback=callback,
+        segment_length=segment_length or 0,
+        segment_length_from_module=segment_length is None,
+    )
+    if facts.callbacks > 1 or (stage != "fit" and not settings.evaluate):
+        return facts
+    facts = replace(
+        facts,
+        segment_length=segment_length or compat.module_segment_length(module),
+        module_splits=compat.splits_batches(module),
+        callback_splits=callback_splits,
+    )
+    if stage != "fit":
+        return facts
+    _, position, expected, signature = compat.hiddens_signature(module)
+    return replace(
+        facts,
+        fetches_batches=is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True),
+        hiddens_position=position,
+        expected_hiddens_position=expected,
+        step_signature=signature,
+        automatic=module.automatic_optimization,
+        strategy=type(trainer.strategy).__name__,
+        strategy_accumulates=trainer.strategy.handles_gradient_accumulation,
+    )
+
+
+class Fit:
+    """The state of one fit of a ``TBPTTCallback`` (see the module documentation)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        trainer: "pl.Trainer",
+        module: "pl.LightningModule",
+        stage: str,
+        facts: FitFacts,
+        *,
+        split_batch: Callable[[Any, int], Sequence[Any]],
+        release: Callable[[], None],
+    ) -> None:
+        self.split_batch = split_batch
+        """The callback's ``split_batch`` (used when it is overridden)."""
+        self.trainer = trainer
+        self.module = module
+        self.settings: Settings = settings.for_fit(facts.segment_length)
+        self.facts = facts
+        self.training = stage == "fit"
+        self.takes_hiddens = self.training and compat.hiddens_signature(module)[0]
+        self.transfer = self._resolve_transfer()
+        self.progress = SegmentProgress(trainer)
+        self.streams = {TRAIN: Stream(TRAIN), EVAL: Stream(EVAL)}
+        self.schedule = OptimizationSchedule()
+        self.record = CheckpointRecord(streaming=self.settings.streaming)
+        """Where the training epoch stands after the last batch, for checkpoints."""
+        self.restored: CheckpointRecord | None = None
+        """A record loaded from a checkpoint, until the training starts from it."""
+        self.resumed_epoch: int | None = None
+        self._carrier: StateCarrier | None = None
+        self._runner: SegmentRunner | None = None
+        self._first_batch_checked = False
+        self._modules_checked = False
+        # removed when the stage raises, even if another callback's `on_exception` raises before ours runs
+        self.loop_patch: TrainingLoopPatch | None = None
+        patches: list[Any] = [RankZeroLogging(trainer), ReleaseOnError(trainer, release), EagerLogging(module)]
+        if self.training:
+            patches.append(FastDevRunPatch(trainer))
+            step_logging = StepLogging(trainer) if self.settings.log_every == "step" else None
+            self.loop_patch = TrainingLoopPatch(trainer, self.run_training_batch, step_logging)
+            patches.insert(0, self.loop_patch)
+        evaluation = self.run_evaluation_batch if self.settings.evaluate else None
+        self.strategy_patch = StrategyPatch(trainer, self._keeps_on_host, evaluation)
+        self.patches = [*patches, self.strategy_patch]
+        for patch in self.patches:
+            patch.install()
+        self.active = True
+
+    def remove(self) -> None:
+        """Remove every patch and hook; safe to call more than once.
+
+        The record and the module stay: a checkpoint saved after the fit holds them.
+        """
+        self.active = False
+        for patch in self.patches:
+            patch.remove()
+        if self._carrier is not None:
+            self._carrier.remove()
+            self._carrier = None
+        self._runner = None
+        self.restored = None
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Set-up
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _resolve_transfer(self) -> Transfer:
+        if self.settings.transfer is not None:
+            return self.settings.transfer
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if is_overridden("on_after_batch_transfer", self.module, self.trainer) or (
+            datamodule is not None and is_overridden("on_after_batch_transfer", datamodule, self.trainer)
+        ):
+            return "batch"  # the hook may change the layout: cut what it returns, as without the callback
+        return "segment"
+
+    @property
+    def runner(self) -> SegmentRunner:
+        """The runner of this fit's segments (made, with the carrier, at fit start or the first batch)."""
+        if self._runner is None:
+            self._runner = SegmentRunner(
+                self.carrier,
+                Operations(
+                    to_device=self._to_device,
+                    step_without_gradient=lambda kwargs: call_training_step(self.trainer, kwargs),
+                    idle=lambda: idle_training_step(self.trainer.lightning_module, self.trainer.strategy),
+                    silenced=lambda: silenced_logging(self.trainer.lightning_module),
+                    weighted=lambda weight: weighted_logging(self.trainer, weight),
+                    stopped=lambda: 0 <= self.trainer.max_steps <= self.trainer.global_step,
+                    show=self.progress.show,
+                ),
+                time_dim=self.settings.layout.time_dim,
+                takes_hiddens=self.takes_hiddens,
+            )
+        return self._runner
+
+    @property
+    def carrier(self) -> StateCarrier:
+        """The carrier of the recurrent modules' state, made when first needed (all modules exist then)."""
+        if self._carrier is None:
+            settings = self.settings
+            module = self.trainer.lightning_module
+            modules = find_recurrent_modules(module, settings.recurrent_modules, settings.exclude_modules)
+            if not modules and not self.takes_hiddens:
+                excluded = (
+                    f" outside `exclude_modules={list(settings.exclude_modules)}`" if settings.exclude_modules else ""
+                )
+                rank_zero_warn(
+                    f"`TBPTTCallback` found no recurrent module{excluded} in {type(module).__name__}, so no state"
+                    " is carried between segments. Name custom recurrent modules in"
+                    " `TBPTTCallback(recurrent_modules=[...])`."
+                )
+            trainer = self.trainer
+            self._carrier = StateCarrier(
+                modules,
+                time_dim=settings.layout.time_dim,
+                reset_nonfinite=settings.nonfinite_state == "reset",
+                # hooks left behind by a fit that failed where no hook of ours ran remove themselves when next called
+                alive=lambda: trainer.state.status == "running",
+            )
+        return self._carrier
+
+    def reset_stream(self, name: str) -> None:
+        """The stream ``name`` starts from zeros."""
+        self.streams[name].reset()
+        if self._carrier is not None:
+            self._carrier.reset()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Planning and moving segments
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def plan(self, batch: Any, stream: str = TRAIN) -> SegmentPlan:
+        """Plan the segments of ``batch``: burn-in where the stream starts from zeros; windows overlap in training."""
+        settings, facts = self.settings, self.facts
+        if facts.splitter is None:
+            geometry, layout = settings.geometry, settings.layout
+            fresh = not settings.streaming or not self.streams[stream].lanes
+            return plan_segments(
+                batch,
+                geometry.length,
+                time_dim=layout.time_dim,
+                lengths=layout.lengths,
+                drop_finished=layout.drop_finished,
+                resets=layout.resets,
+                stride=geometry.stride if stream == TRAIN else None,
+                burn_in=geometry.burn_in if fresh else 0,
+                whole_burn_in=stream != TRAIN,
+                loss_on_overlap=geometry.loss_on == "window",
+            )
+        length = settings.geometry.length
+        if facts.module_splits:
+            module = self.trainer.lightning_module
+            segments = getattr(module, "tbptt_split_batch")(batch, length)  # noqa: B009
+            source = f"{type(module).__name__}.tbptt_split_batch"
+        else:
+            segments = self.split_batch(batch, length)
+            source = f"{facts.callback}.split_batch"
+        if not isinstance(segments, Sequence) or len(segments) == 0:
+            raise BatchError(
+                f"Expected `{source}` to return a non-empty sequence of segments but got {segments!r:.80}. Return a"
+                " list with one batch per segment, in time order."
+            )
+        return plan_custom_segments(segments, settings.layout.time_dim, source)
+
+    def _keeps_on_host(self) -> bool:
+        if self.transfer != "segment":
+            return False
+        if self.trainer.training:
+            return self.loop_patch is not None
+        return self.settings.evaluate
+
+    def _to_device(self, planned: PlannedSegment) -> tuple[Any, Segment]:
+        """Move a segment to the device when batches stay on the host; its info then describes it there."""
+        if not self._keeps_on_host():
+            return planned.batch, planned.info
+        batch = self.strategy_patch.to_device(planned.batch)
+        info = planned.info
+        device = self.trainer.strategy.root_device
+        if info.device != device:
+            lengths = None if info.lengths is None else info.lengths.to(device, non_blocking=True)
+            info = replace(info, lengths=lengths, device=device)
+        return batch, info
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Running batches
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def run_training_batch(self, context: BatchContext, run_segment: RunSegment) -> dict[str, Any]:
+        """Run one training batch (called by the patched training loop in place of Lightning's one step)."""
+        if "batch" not in context.kwargs:
+            raise ModelError(
+                "`TBPTTCallback` cannot cut batches that `training_step` fetches itself from a `dataloader_iter`. Take"
+                " `training_step(batch, batch_idx)` instead."
+            )
+        trainer = self.trainer
+        stream = self.streams[TRAIN]
+        try:
+            plan = self.plan(context.kwargs["batch"])
+            stream.begin_batch(plan, self.settings.streaming)
+        except Exception as error:
+            # the other processes are about to wait for this one in the agreement: let them stop too, with the cause
+            agree_on_segment_count(trainer, 0, automatic=context.automatic, error=error)
+            raise
+        total = agree_on_segment_count(trainer, plan.steps, automatic=context.automatic)
+        self.record.in_batch = True
+        step_per: StepPer = "batch" if context.skip_backward else self.settings.step_per
+        schedule = self.schedule
+
+        def decide(index: int) -> Decision | None:
+            if not context.automatic:
+                return None
+            return schedule.decide(
+                step_per,
+                index,
+                total,
+                accumulate_grad_batches=context.accumulate_grad_batches,
+                batch_zeroes=context.batch_zeroes,
+                batch_steps=context.batch_steps,
+            )
+
+        runner = self.runner
+        try:
+            ran = runner.train(plan, context.kwargs, stream, run_segment, total=total, decide=decide)
+        finally:
+            self.progress.done()
+            if runner.segments_run and not self._modules_checked:
+                self._modules_checked = True
+                self._warn_about_new_modules()
+        if plan.steps >= 2 and not self._first_batch_checked:
+            self._first_batch_checked = True
+            self._warn_if_nothing_is_carried()
+        self._report_nonfinite(f"training batch {self.record.batches_done} of epoch {trainer.current_epoch}")
+        partial = ran.index < total - 1
+        self.keep_record(ran.decision is not None and not ran.decision.step, partial=partial)
+        return compat.without_hiddens(ran.output) if self.takes_hiddens else ran.output
+
+    def run_evaluation_batch(
+        self, name: str, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run one evaluation batch (called by the patched strategy in place of its ``*_step``)."""
+        module_step = getattr(self.trainer.lightning_module, name)
+        if not args or is_param_in_hook_signature(module_step, "dataloader_iter", explicit=True):
+            raise ModelError(
+                f"`TBPTTCallback` cannot cut the batches of `{name}`, which fetches its own batches from a"
+                f" `dataloader_iter`. Take `{name}(batch, batch_idx)` instead, or pass `TBPTTCallback(evaluate=False)`."
+            )
+        batch, rest = args[0], args[1:]
+        stream = self.streams[EVAL]
+        if self.settings.streaming:
+            stream.enter_dataloader(rest[1] if len(rest) > 1 else kwargs.get("dataloader_idx", 0))
+        plan = self.plan(batch, EVAL)
+        stream.begin_batch(plan, self.settings.streaming)
+        try:
+            output = self.runner.evaluate(plan, step, rest, kwargs, stream)
+        finally:
+            self.progress.done()
+        self._report_nonfinite(f"{name.removesuffix('_step')} batch {rest[0] if rest else '?'}")
+        return output
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Warnings after a batch
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _warn_if_nothing_is_carried(self) -> None:
+        """After the first batch of several segments: name the modules that always got a state explicitly."""
+        names = [] if self.takes_hiddens else self.carrier.given_explicit_state()
+        if names:
+            rank_zero_warn(
+                f"`TBPTTCallback` carried no state into {names}: in every segment of the first batch, the first call"
+                " of each was given a state explicitly (e.g. zeros), and a state passed explicitly always wins, so"
+                " every segment starts from it. Call them without a state (`self.rnn(x)`; for a cell stepped in a"
+                " loop, start the loop from `None`) to have their state carried, name the module that owns the state"
+                f" in `recurrent_modules`, or pass `exclude_modules={names}` to silence this warning."
+            )
+
+    def _warn_about_new_modules(self) -> None:
+        """After the first segment of a fit: name the recurrent modules created since the state carrier was made."""
+        if self.takes_hiddens:
+            return
+        settings = self.settings
+        found = recurrent_candidates(
+            self.trainer.lightning_module, settings.recurrent_modules, settings.exclude_modules
+        )
+        new = sorted(set(found) - set(self.carrier.modules))
+        if new:
+            rank_zero_warn(
+                f"`TBPTTCallback` does not carry the state of {new}: they did not exist when the fit started (they"
+                " were created in `on_train_start` or in a step), so no hook was added to them and every segment"
+                " starts them from zeros. Create recurrent modules in `__init__` or `configure_model`, or pass"
+                f" `exclude_modules={new}` to silence this warning."
+            )
+
+    def _report_nonfinite(self, where: str) -> None:
+        """Warn about the rows whose non-finite state was reset in this batch (one host synchronisation)."""
+        entries = self.runner.take_nonfinite()
+        if not entries:
+            return
+        flagged = torch.stack([bad.any() for bad, _, _ in entries]).tolist()
+        trainer = self.trainer
+        process = f"process {trainer.global_rank}: " if trainer.world_size > 1 else ""
+        for (bad, rows, info), any_bad in zip(entries, flagged, strict=True):
+            if not any_bad:
+                continue
+            found = torch.nonzero(bad).flatten().cpu()
+            lanes = (found if rows is None else rows[found]).tolist()
+            steps = f"steps [{info.start}, {info.stop})" if info.start is not None else f"segment {info.index}"
+            warnings.warn(
+                f"{process}Reset the carried state of rows {lanes} of {where} after its {steps}: it held NaN or"
+                " infinite values (`TBPTTCallback(nonfinite_state='reset')`). Those rows start the next segment from"
+                " zeros, as at the start of a new sequence.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Where the epoch stands: the checkpoint record
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def start_epoch(self) -> None:
+        """A training epoch starts (not one resumed in the middle): from zeros, with a fresh accumulation."""
+        resumed, self.resumed_epoch = self.resumed_epoch, None
+        if resumed == self.trainer.current_epoch:
+            return
+        self.schedule.reset()
+        self.reset_stream(TRAIN)
+        self.record = CheckpointRecord(epoch=self.trainer.current_epoch, streaming=self.settings.streaming)
+
+    def keep_record(self, pending: bool, *, partial: bool = False, batches_done: int | None = None) -> None:
+        """After a training batch (or on resume): what a checkpoint taken now must hold to resume exactly."""
+        trainer = self.trainer
+        stream = self.streams[TRAIN]
+        done = self.record.batches_done + 1 if batches_done is None else batches_done
+        self.record = CheckpointRecord(
+            epoch=trainer.current_epoch if batches_done is None else self.record.epoch,
+            batches_done=done,
+            mid_epoch=0 < done < trainer.num_training_batches,
+            accumulated=self.schedule.accumulated,
+            partial=partial,
+            streaming=self.settings.streaming,
+            world_size=trainer.world_size,
+            pending_gradients=pending,
+            lanes=stream.lanes,
+            carried=dict(stream.state.carried),
+            unfinished=stream.unfinished,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The callback's checkpoint entry: the record, with the gradients pending and the states gathered."""
+        record = replace(self.record, config=self.settings.saved())
+        # Every process holds its own lanes (and, between the synchronised steps, its own gradients): with several
+        # processes these are gathered, each tensor gaining a leading dimension indexed by rank. Lightning builds a
+        # checkpoint on every rank at the same point, so all of them reach the collective. Nothing is gathered after
+        # a failure (the other processes may not be saving, and a collective would wait for them forever) or inside
+        # a batch; such a checkpoint cannot resume several processes.
+        gather = self.active and record.world_size > 1 and not self.trainer.interrupted and not record.in_batch
+        record.gathered = gather
+        if record.pending_gradients and not record.in_batch:
+            # read now rather than copied after every batch: between batches only Lightning's release before
+            # validation changes them, and a checkpoint must then hold what is left
+            parameters = list(self.module.named_parameters())
+            if gather:
+                # every process gathers every parameter, in one order: a parameter without a gradient on some
+                # process is sent as zeros, flagged as absent
+                present = [p.grad is not None for _, p in parameters]
+                record.gradients = self._gathered(
+                    {name: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for name, p in parameters}
+                )
+                flags = torch.tensor(present, dtype=torch.uint8, device=parameters[0][1].device)
+                record.gradients_present = self._gathered(flags)  # (processes, parameters), in the order above
+            else:
+                record.gradients = {name: p.grad.detach().clone() for name, p in parameters if p.grad is not None}
+        if record.streaming:
+            unfinished = None if record.unfinished is None else record.unfinished.to(torch.uint8)
+            record.carried = self._gathered(record.carried) if gather else record.carried
+            record.unfinished = self._gathered(unfinished) if gather else unfinished
+        return record.to_dict()
+
+    def _gathered(self, value: Any) -> Any:
+        strategy = self.trainer.strategy
+        return apply_to_collection(value, Tensor, lambda t: strategy.all_gather(t).cpu())
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Resuming
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def resume_batch(self) -> int:
+        """See :attr:`TBPTTCallback.resume_batch`."""
+        restored = self.restored
+        if restored is None or restored.epoch != self.trainer.current_epoch:
+            return 0  # Lightning counts the checkpoint's epoch as finished (e.g. after stopping at `max_steps`)
+        if restored.mid_epoch:
+            return restored.batches_done
+        # At the end of an epoch, Lightning before 2.5 runs the epoch's last index once more: give it no data.
+        return restored.batches_done if resume_reruns_last_batch(self.trainer) else 0
+
+    def start_training(self) -> None:
+        """After the checkpoint is restored and before the first batch: resume from its record, or check it."""
+        trainer = self.trainer
+        restored, self.restored = self.restored, None
+        self.resumed_epoch = None
+        if restored is None:
+            if trainer.ckpt_path is not None:
+                self._check_resume_without_state()
+            return
+        settings = self.settings
+        if restored.config is not None:
+            self._warn_about_changed_settings(restored.config)
+        if restored.streaming != settings.streaming:
+            raise ConfigurationError(
+                f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={settings.streaming})` but"
+                f" it was saved with `streaming={restored.streaming}`. Resume with the same setting."
+            )
+        if restored.in_batch:
+            rank_zero_warn(
+                f"The checkpoint being resumed was saved while batch {restored.batches_done} of epoch"
+                f" {restored.epoch} was running (e.g. on an exception or a signal): its parameters may include"
+                " some of that batch's segments, which are trained again from the batch's start, and gradients"
+                " accumulated before it are not saved. For exact resumption, resume from a checkpoint saved between"
+                " batches (e.g. by `ModelCheckpoint`)."
+            )
+        if resume_reruns_last_batch(trainer):
+            complete_batch_saved_at_batch_end(trainer)
+        if restored.mid_epoch and restored.epoch == trainer.current_epoch:
+            self._resume(restored)
+            self.resumed_epoch = trainer.current_epoch
+
+    def _check_resume_without_state(self) -> None:
+        """A checkpoint that holds no state of this callback: refuse what cannot resume exactly, else warn."""
+        trainer = self.trainer
+        started = batches_started_in_epoch(trainer)
+        if not 0 < started < trainer.num_training_batches:
+            return  # resumes at an epoch boundary: nothing is carried across it
+        if self.settings.streaming:
+            raise ConfigurationError(
+                f"Expected the checkpoint {trainer.ckpt_path} to hold the state of `TBPTTCallback` (the carried state"
+                f" of every lane), since it was saved in the middle of an epoch ({started} batches done) and"
+                " `streaming=True`, but it holds none: it was saved without the callback, or the entry was removed."
+                " Resume from a checkpoint saved with the callback, or from one saved at the end of an epoch."
+            )
+        if trainer.accumulate_grad_batches > 1 or self.settings.step_per == "batch":
+            rank_zero_warn(
+                f"The checkpoint {trainer.ckpt_path} holds no state of `TBPTTCallback` (it was saved without the"
+                f" callback, or the entry was removed) and was saved in the middle of an epoch ({started} batches"
+                " done): the accumulated gradients and the count of segments towards the next optimizer step are"
+                " unknown, so training resumes from a fresh accumulation. Resume from a checkpoint saved with the"
+                " callback for an exact continuation."
+            )
+
+    def _warn_about_changed_settings(self, saved: dict[str, Any]) -> None:
+        current = self.settings.saved()
+        changed = {key: value for key, value in current.items() if key in saved and saved[key] != value}
+        if changed:
+            before = ", ".join(f"{key}={saved[key]!r}" for key in changed)
+            now = ", ".join(f"{key}={value!r}" for key, value in changed.items())
+            rank_zero_warn(
+                f"The checkpoint being resumed was trained with `TBPTTCallback({before})` and this fit uses `{now}`:"
+                " training goes on with the new settings (the carried state and the data position are kept), so the"
+                " result is not that of one uninterrupted run. That is fine for fine-tuning; for an exact resume,"
+                " use the settings the checkpoint was saved with."
+            )
+
+    def _resume(self, restored: CheckpointRecord) -> None:
+        """Continue the epoch of a checkpoint saved mid-epoch: its position, accumulation and carried state."""
+        trainer = self.trainer
+        if restored.partial:
+            rank_zero_warn(
+                f"The checkpoint being resumed was saved after `max_steps` stopped batch {restored.batches_done - 1}"
+                " of its epoch before its last segment; training continues with the next batch, so the rest of that"
+                " batch is never trained and the result differs from one longer run. For exact resumption, choose"
+                " `max_steps` as a multiple of the optimizer steps per batch."
+            )
+        saved_world = restored.world_size
+        needs_processes = self.settings.streaming or restored.gradients is not None
+        if needs_processes and saved_world > 1 and not restored.gathered:
+            raise ConfigurationError(
+                f"Expected the checkpoint to hold the lanes (or accumulated gradients) of its {saved_world} processes"
+                " but it was saved outside a point where they could be gathered (e.g. on an exception), with one"
+                " process's only. Resume from a checkpoint saved by `ModelCheckpoint`, or from one saved at the end"
+                " of an epoch."
+            )
+        if needs_processes and saved_world != trainer.world_size:
+            raise ConfigurationError(
+                f"Expected to resume with the {saved_world} processes the checkpoint was saved with, whose lanes (or"
+                f" accumulated gradients) it holds, but got `Trainer.world_size={trainer.world_size}`. Resume with"
+                f" {saved_world} processes, or from a checkpoint saved at the end of an epoch."
+            )
+        own = restored.for_process(trainer.global_rank)
+        self.schedule.accumulated = own.accumulated
+        if own.gradients is not None:
+            for name, parameter in trainer.lightning_module.named_parameters():
+                saved = own.gradients.get(name)
+                parameter.grad = None if saved is None else saved.to(parameter.device)
+        self.reset_stream(TRAIN)
+        if self.settings.streaming:
+            self._restore_stream(own)
+        # a checkpoint taken before the first resumed batch ends must hold all of this again
+        self.record = replace(self.record, epoch=own.epoch)
+        self.keep_record(own.gradients is not None, batches_done=own.batches_done)
+
+    def _restore_stream(self, restored: CheckpointRecord) -> None:
+        carried = restored.carried
+        carrier = self.carrier
+        missing = sorted(set(carried) - set(carrier.modules))
+        if missing:
+            raise ConfigurationError(
+                f"Expected the checkpoint's carried state to belong to this model's recurrent modules"
+                f" {sorted(carrier.modules)} but it holds the state of {missing}. Resume with the model (and"
+                " `recurrent_modules`/`exclude_modules`) the checkpoint was saved with."
+            )
+        check_carried(carried, carrier.modules)
+        device = self.trainer.strategy.root_device
+        on_device = apply_to_collection(carried, Tensor, lambda t: t.to(device))
+        self.streams[TRAIN].restore(on_device, restored.lanes, restored.unfinished)
+
+
+def refuse_for(settings: Settings, facts: FitFacts, stage: str) -> None:
+    """The refusals of a fit's set-up (and, for ``fit``, of training)."""
+    fit_settings = settings.for_fit(facts.segment_length) if facts.segment_length else settings
+    refuse("setup", fit_settings, facts)
+    if stage == "fit":
+        refuse("training", fit_settings, facts)

@@ -1,0 +1,197 @@
+"""Running a planned batch, segment by segment, without knowing the ``Trainer``.
+
+:class:`SegmentRunner` runs the segments of a :class:`~lightning_tbptt.plan.SegmentPlan`: training segments (each
+through a ``run_segment`` callable: Lightning's optimisation path in a fit), burn-in prefixes (without gradient or
+optimizer step), the idle steps a process takes part in when other processes have more segments, Lightning 1.x
+``hiddens`` threaded from one segment to the next, and evaluation segments (their outputs joined into one per batch).
+Around every segment it activates the carried state of the batch's :class:`~lightning_tbptt.streams.Stream` and
+:func:`~lightning_tbptt.current_segment`. What touches Lightning is given as callables (:class:`Operations`), so the
+runner is tested with plain functions, and a new way to run segments is a new method here.
+"""
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_tbptt.compat import returned_hiddens
+from lightning_tbptt.outputs import join_outputs
+from lightning_tbptt.plan import PlannedSegment, SegmentPlan
+from lightning_tbptt.schedule import Decision
+from lightning_tbptt.segment import Segment, running
+from lightning_tbptt.state import StateCarrier
+from lightning_tbptt.streams import Stream
+
+RunSegment = Callable[["OrderedDict[str, Any]", Decision | None, int], dict[str, Any]]
+"""Runs one training segment: its ``training_step`` arguments, its decision (``None`` in manual optimization) and the
+weight of the values it logs (its number of valid time steps)."""
+
+
+def _nothing(*args: Any) -> AbstractContextManager[None]:
+    return _no_context()
+
+
+@contextmanager
+def _no_context() -> Iterator[None]:
+    yield
+
+
+@dataclass(frozen=True)
+class Operations:
+    """What running a segment needs from outside: the ``Trainer``'s part, as callables."""
+
+    to_device: Callable[[PlannedSegment], tuple[Any, Segment]] = lambda planned: (planned.batch, planned.info)
+    """Moves a segment to the device; returns it and its :class:`Segment` there."""
+    step_without_gradient: Callable[["OrderedDict[str, Any]"], Any] = lambda kwargs: None
+    """Calls ``training_step`` outside any optimisation (for burn-in segments)."""
+    idle: Callable[[], AbstractContextManager[None]] = _nothing
+    """While active, ``training_step`` returns a loss of zero gradient (for idle steps)."""
+    silenced: Callable[[], AbstractContextManager[None]] = _nothing
+    """While active, the module's ``self.log`` does nothing (for burn-in segments)."""
+    weighted: Callable[[int], AbstractContextManager[None]] = _nothing
+    """While active, evaluation values logged with ``on_epoch=True`` are weighted by the given number of steps."""
+    stopped: Callable[[], bool] = lambda: False
+    """Whether training must stop now (``max_steps`` reached)."""
+    show: Callable[[int, int], None] = lambda index, count: None
+    """Shows segment ``index`` of ``count`` (a progress bar)."""
+
+
+@dataclass
+class TrainedBatch:
+    """What running a training batch left."""
+
+    output: dict[str, Any]
+    """The last segment's ``training_step`` output."""
+    index: int
+    """The index of the last step run (``total - 1`` unless training stopped early)."""
+    decision: Decision | None
+    """The last step's decision."""
+
+
+class SegmentRunner:
+    """Runs planned batches through a :class:`~lightning_tbptt.state.StateCarrier`.
+
+    Args:
+        carrier: Carries the recurrent state of the modules from one segment to the next.
+        operations: What running needs from the ``Trainer``.
+        time_dim: The time dimension of the batches (for idle steps' :class:`Segment`).
+        takes_hiddens: Thread Lightning 1.x ``hiddens`` from each training segment's output into the next.
+
+    """
+
+    def __init__(
+        self, carrier: StateCarrier, operations: Operations, *, time_dim: int = 1, takes_hiddens: bool = False
+    ) -> None:
+        self.carrier = carrier
+        self.operations = operations
+        self.time_dim = time_dim
+        self.takes_hiddens = takes_hiddens
+        self.segments_run = 0
+        """Training segments run so far (across batches)."""
+        self.nonfinite: list[tuple[Tensor, Tensor | None, Segment]] = []
+        """With ``reset_nonfinite``: the rows reset, per segment, since the caller last took them."""
+
+    @contextmanager
+    def running(self, info: Segment, stream: Stream, carry_at: int | None = None) -> Iterator[None]:
+        """Activate the stream's carried state and :func:`~lightning_tbptt.current_segment` for one segment."""
+        carrier = self.carrier
+        with (
+            carrier.segment(info.rows, info.batch_size, info.resets, stream.state, info.length, carry_at),
+            running(info),
+        ):
+            yield
+        if carrier.reset_nonfinite:
+            self.nonfinite.extend((bad, rows, info) for bad, rows in carrier.take_nonfinite())
+
+    def train(
+        self,
+        plan: SegmentPlan,
+        kwargs: "OrderedDict[str, Any]",
+        stream: Stream,
+        run_segment: RunSegment,
+        *,
+        total: int | None = None,
+        decide: Callable[[int], Decision | None] = lambda index: None,
+    ) -> TrainedBatch:
+        """Run the segments of a training batch, then idle steps up to ``total`` (default: the plan's steps).
+
+        Every step's :class:`Segment` counts ``total`` steps (plus the burn-in prefix), so that hooks see the number
+        agreed between processes.
+        """
+        operations = self.operations
+        total = plan.steps if total is None else total
+        count = total + plan.burn_in_segments
+        hiddens = None
+        output: dict[str, Any] = {}
+        decision = None
+        index = -1
+        stopped = False
+        for planned in plan:
+            if planned.info.burn_in:
+                self._burn_in(planned, kwargs, stream)
+                continue
+            index += 1
+            segment_kwargs = OrderedDict(kwargs)
+            segment_kwargs["batch"], info = operations.to_device(planned)
+            if info.count != count:  # other processes run more: this one takes part in all
+                info = replace(info, count=count)
+            if self.takes_hiddens:
+                segment_kwargs["hiddens"] = hiddens
+            decision = decide(index)
+            operations.show(index, total)
+            with self.running(info, stream, planned.carry_at):
+                output = run_segment(segment_kwargs, decision, info.num_valid)
+            self.segments_run += 1
+            if self.takes_hiddens:
+                hiddens = returned_hiddens(output, index)
+            stopped = operations.stopped()
+            if stopped:
+                break
+        # Other processes have more segments in this batch: take part in each of their steps with zero gradients.
+        while not stopped and index < total - 1:
+            index += 1
+            decision = decide(index)
+            segment_kwargs = OrderedDict(kwargs)
+            segment_kwargs["batch"] = None
+            operations.show(index, total)
+            idle = Segment(index + plan.burn_in_segments, count, None, 0, self.time_dim, num_valid=0)
+            with operations.idle(), running(idle):
+                run_segment(segment_kwargs, decision, 0)
+            stopped = operations.stopped()
+        return TrainedBatch(output, index, decision)
+
+    def _burn_in(self, planned: PlannedSegment, kwargs: "OrderedDict[str, Any]", stream: Stream) -> None:
+        """Run ``training_step`` on a burn-in prefix without gradient or optimizer step: only its state counts."""
+        segment_kwargs = OrderedDict(kwargs)
+        segment_kwargs["batch"], info = self.operations.to_device(planned)
+        with torch.no_grad(), self.running(info, stream), self.operations.silenced():
+            self.operations.step_without_gradient(segment_kwargs)
+
+    def evaluate(
+        self, plan: SegmentPlan, step: Callable[..., Any], rest: tuple[Any, ...], kwargs: dict[str, Any], stream: Stream
+    ) -> Any:
+        """Run the segments of an evaluation batch through ``step(segment, *rest, **kwargs)``; join their outputs.
+
+        Burn-in segments run silenced and are not counted; the values each segment logs are weighted by its number of
+        valid steps.
+        """
+        operations = self.operations
+        outputs: list[Any] = []
+        segments: list[Segment] = []
+        for planned in plan:
+            segment_batch, info = operations.to_device(planned)
+            operations.show(info.index, len(plan))
+            silenced = operations.silenced() if info.burn_in else _no_context()
+            with self.running(info, stream), silenced, operations.weighted(info.num_valid):
+                outputs.append(step(segment_batch, *rest, **kwargs))
+            segments.append(info)
+        return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
+
+    def take_nonfinite(self) -> list[tuple[Tensor, Tensor | None, Segment]]:
+        """The rows reset since the last call (see :attr:`nonfinite`)."""
+        taken, self.nonfinite = self.nonfinite, []
+        return taken
