@@ -53,7 +53,7 @@ class SegmentPlan:
     def __init__(
         self,
         count: int,
-        build: Callable[[], Iterator[PlannedSegment]],
+        build: Callable[[int], Iterator[PlannedSegment]],
         *,
         batch_size: int = 0,
         time_length: int = 0,
@@ -64,6 +64,7 @@ class SegmentPlan:
         self._count = count
         self.burn_in_segments = burn_in_segments
         self._build = build
+        self._reported = count
         self.batch_size = batch_size
         """Number of rows of the batch (0 when a custom split cut it)."""
         self.time_length = time_length
@@ -82,8 +83,16 @@ class SegmentPlan:
         """Number of segments that train (burn-in prefixes excluded)."""
         return self._count - self.burn_in_segments
 
+    def agree(self, steps: int) -> None:
+        """Make every segment report ``steps`` training steps (plus the burn-in) as its :attr:`Segment.count`.
+
+        With several processes, a process with fewer segments than another takes part in the other's steps too, so
+        its hooks see the count the processes agreed on.
+        """
+        self._reported = steps + self.burn_in_segments
+
     def __iter__(self) -> Iterator[PlannedSegment]:
-        return self._build()
+        return self._build(self._reported)
 
 
 def _rows_of(batch: Any, time_dim: int) -> tuple[int, torch.device]:
@@ -191,7 +200,7 @@ def plan_segments(
     # int64 (no unsigned wrap-around in `length - start`) and on the sequences' device (where the mask is used)
     full_long = None if full is None else full.to(device=device, dtype=torch.long, non_blocking=True)
 
-    def build() -> Iterator[PlannedSegment]:
+    def build(count: int) -> Iterator[PlannedSegment]:
         for index, window in enumerate(bounds):
             start, stop = window.start, window.stop
             size = stop - start
@@ -216,7 +225,7 @@ def plan_segments(
                 data = resets.replace(data, _resets_in_batch(given_resets, segment_resets, index, active, time_dim))
             info = Segment(
                 index,
-                len(bounds),
+                count,
                 start,
                 size,
                 time_dim,
@@ -264,14 +273,14 @@ def plan_custom_segments(segments: Sequence[Any], time_dim: int, source: str) ->
 
     """
 
-    def build() -> Iterator[PlannedSegment]:
+    def build(count: int) -> Iterator[PlannedSegment]:
         for index, segment in enumerate(segments):
             try:
                 length = sequence_length(segment, time_dim)
             except BatchError as error:
                 raise BatchError(f"In segment {index} returned by `{source}`: {error}") from None
             rows, device = _rows_of(segment, time_dim)
-            info = Segment(index, len(segments), None, length, time_dim, batch_size=rows, device=device)
+            info = Segment(index, count, None, length, time_dim, batch_size=rows, device=device)
             yield PlannedSegment(segment, info)
 
     return SegmentPlan(len(segments), build)

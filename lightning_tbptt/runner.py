@@ -12,7 +12,7 @@ runner is tested with plain functions, and a new way to run segments is a new me
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -124,6 +124,7 @@ class SegmentRunner:
         """
         operations = self.operations
         total = plan.steps if total is None else total
+        plan.agree(total)
         count = total + plan.burn_in_segments
         hiddens = None
         output: dict[str, Any] = {}
@@ -137,8 +138,6 @@ class SegmentRunner:
             index += 1
             segment_kwargs = OrderedDict(kwargs)
             segment_kwargs["batch"], info = operations.to_device(planned)
-            if info.count != count:  # other processes run more: this one takes part in all
-                info = replace(info, count=count)
             if self.takes_hiddens:
                 segment_kwargs["hiddens"] = hiddens
             decision = decide(index)
