@@ -137,7 +137,6 @@ class Settings:
             check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
         if stride is not None:
             check_positive_int(stride, "stride", "TBPTTCallback(segment_length=64, stride=16)")
-        refuse_stride_beyond(segment_length, stride)
         _check_choice(
             loss_on,
             "loss_on",
@@ -238,16 +237,6 @@ class Settings:
         }
 
 
-def refuse_stride_beyond(segment_length: int | None, stride: int | None) -> None:
-    """Refuse a stride longer than the segment length given to the callback."""
-    if segment_length is not None and stride is not None and stride > segment_length:
-        raise ConfigurationError(
-            f"Expected argument `stride` to be at most `segment_length={segment_length}` but got {stride}:"
-            " windows would leave steps between them untrained. Pass a stride between 1 and the segment"
-            " length (equal to it for plain TBPTT)."
-        )
-
-
 @dataclass(frozen=True)
 class FitFacts:
     """What a fit's ``Trainer`` and ``LightningModule`` decide about the settings, gathered once in ``setup``."""
@@ -327,6 +316,20 @@ def _with_hiddens(argument: str) -> Refusal:
 
 
 REFUSALS: tuple[Refusal, ...] = (
+    Refusal(
+        "stride beyond segment_length",
+        "init",
+        lambda s, f: (
+            s.geometry.segment_length is not None
+            and s.geometry.stride is not None
+            and s.geometry.stride > s.geometry.segment_length
+        ),
+        lambda s, f: ConfigurationError(
+            f"Expected argument `stride` to be at most `segment_length={s.geometry.segment_length}` but got"
+            f" {s.geometry.stride}: windows would leave steps between them untrained. Pass a stride between 1 and the"
+            " segment length (equal to it for plain TBPTT)."
+        ),
+    ),
     Refusal(
         "drop_finished without lengths",
         "init",

@@ -11,6 +11,12 @@ from lightning_tbptt.errors import ConfigurationError, ModelError
 
 # one case per refusal: the callback's arguments, the fit's facts, the error and what its message must say
 CASES: dict[str, tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = {
+    "stride beyond segment_length": (
+        {"stride": 9},
+        {},
+        ConfigurationError,
+        r"`stride` to be at most `segment_length=8` but got 9: windows would leave steps between them untrained",
+    ),
     "drop_finished without lengths": ({"drop_finished": True}, {}, ConfigurationError, r"`lengths` .* got None"),
     "drop_finished with streaming": (
         {"drop_finished": True, "lengths": "n", "streaming": True},
@@ -137,7 +143,6 @@ INVALID = [
     ({"segment_length": 0}, r"`segment_length` to be a positive integer but got 0"),
     ({"segment_length": True}, r"`segment_length` to be a positive integer but got True"),
     ({"stride": -1}, r"`stride` to be a positive integer but got -1"),
-    ({"stride": 9}, r"`stride` to be at most `segment_length=8` but got 9"),
     ({"loss_on": "all"}, r"`loss_on` to be one of \('new', 'window'\) but got 'all'"),
     ({"burn_in": -2}, r"`burn_in` to be a non-negative integer but got -2"),
     ({"time_dim": 1.0}, r"`time_dim` to be a non-negative integer but got 1.0"),
