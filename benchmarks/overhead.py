@@ -11,6 +11,7 @@ Prints the median milliseconds per segment and the ratios.
     python benchmarks/overhead.py --log --log-every both    # both callback variants, interleaved in the same rounds
     python benchmarks/overhead.py --progress-bar  # with Lightning's TQDM bar (segment i/k) in both Lightning variants
     python benchmarks/overhead.py --stride 32     # TBPTTCallback with overlapping windows (k2=64 every k1=32 steps)
+    python benchmarks/overhead.py --tiny          # where Python dominates: H=8, input 2, B=4, k=8, T=256, 8 batches
 """
 
 import argparse
@@ -183,7 +184,15 @@ def main() -> None:
         default="step",
         help="TBPTTCallback(log_every=...); both: a fourth method, the callback with 'batch' beside 'step'",
     )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a tiny LSTM where per-segment Python dominates: H=8, input 2, B=4, k=8, T=256 (32 segments), 8 batches",
+    )
     args = parser.parse_args()
+    if args.tiny:
+        args.hidden_size, args.input_size, args.batch_size, args.segment_length = 8, 2, 4, 8
+        args.length, args.batches = 256, 8
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
