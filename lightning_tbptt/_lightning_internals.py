@@ -279,40 +279,44 @@ class TrainingLoopPatch:
             batch_steps=not self._class_method(self._epoch_loop, "_should_accumulate")(),
             skip_backward=self._automatic._skip_backward,
         )
+        results = self._trainer._results  # the training loop's, one object for the whole fit: looked up once a batch
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
             self._decision = decision
-            steps = self._before_segment(weight)
+            steps = self._before_segment(weight, results)
             try:
                 return original_run(optimizer, batch_idx, segment_kwargs)
             finally:
                 self._decision = None
-                self._after_segment(steps)
+                self._after_segment(steps, results)
 
         return self._run_batch(context, run_segment)
 
     def _run_manual(self, kwargs: "OrderedDict[str, Any]") -> dict[str, Any]:
         original_run = self._class_method(self._manual, "run")
         context = BatchContext(kwargs=kwargs, automatic=False)
+        results = self._trainer._results
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
-            steps = self._before_segment(weight)
+            steps = self._before_segment(weight, results)
             try:
                 return original_run(segment_kwargs)
             finally:
-                self._after_segment(steps)
+                self._after_segment(steps, results)
 
         return self._run_batch(context, run_segment)
 
-    def _before_segment(self, weight: int) -> int:
-        """Weight the segment's logged values; return the optimizer steps taken so far."""
+    def _before_segment(self, weight: int, results: Any) -> int:
+        """Weight the segment's logged values (``results``: ``Trainer._results``); return the optimizer steps so far."""
         if self._step_logging is not None:
             self._step_logging.flush()  # the row owed for the previous segment's step
-        set_log_weight(self._trainer, weight)
+        if results is not None:  # as `set_log_weight`, without resolving the active loop's results twice a segment
+            results.batch_size = weight
         return self._trainer.global_step
 
-    def _after_segment(self, steps_before: int) -> None:
-        set_log_weight(self._trainer, None)
+    def _after_segment(self, steps_before: int, results: Any) -> None:
+        if results is not None:
+            results.batch_size = None
         connector = self._trainer._logger_connector
         if connector._first_loop_iter is True:
             connector._first_loop_iter = False
