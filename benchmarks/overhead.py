@@ -11,6 +11,8 @@ Prints the median milliseconds per segment and the ratios.
     python benchmarks/overhead.py --log --log-every both    # both callback variants, interleaved in the same rounds
     python benchmarks/overhead.py --progress-bar  # with Lightning's TQDM bar (segment i/k) in both Lightning variants
     python benchmarks/overhead.py --stride 32     # TBPTTCallback with overlapping windows (k2=64 every k1=32 steps)
+    python benchmarks/overhead.py --tiny          # where Python dominates: H=8, input 2, B=4, k=8, T=256, 8 batches
+    python benchmarks/overhead.py --compare-paths # a fourth method: TBPTTCallback with the library's fast paths off
 """
 
 import argparse
@@ -29,7 +31,7 @@ from pytorch_lightning.loggers.logger import Logger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_tbptt import TBPTTCallback
+from lightning_tbptt import TBPTTCallback, _lightning_internals
 from lightning_tbptt.state import detach_state
 
 
@@ -162,6 +164,7 @@ def raw_seconds(net: Net, batches: list[Any], segment_length: int, lr: float) ->
 
 
 BY_BATCH = "TBPTTCallback, per batch"
+LIGHTNING_PATHS = "TBPTTCallback, no fast paths"
 
 
 def main() -> None:
@@ -183,6 +186,20 @@ def main() -> None:
         default="step",
         help="TBPTTCallback(log_every=...); both: a fourth method, the callback with 'batch' beside 'step'",
     )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="defaults for a tiny LSTM where per-segment Python dominates: H=8, input 2, B=4, k=8, T=256, 8 batches",
+    )
+    parser.add_argument(
+        "--compare-paths",
+        action="store_true",
+        help="a fourth method: TBPTTCallback with its fast paths off (every hook through Lightning's dispatch)",
+    )
+    tiny = argparse.ArgumentParser(add_help=False)
+    tiny.add_argument("--tiny", action="store_true")
+    if tiny.parse_known_args()[0].tiny:  # new defaults: an option given beside --tiny still wins
+        parser.set_defaults(hidden_size=8, input_size=2, batch_size=4, segment_length=8, length=256, batches=8)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -209,9 +226,14 @@ def main() -> None:
             return fit_seconds(manual, batches, [], args.progress_bar, args.log)
         log_every = "batch" if name == BY_BATCH or args.log_every == "batch" else "step"
         callback = TBPTTCallback(args.segment_length, stride=args.stride, log_every=log_every)
-        return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar, args.log)
+        _lightning_internals.FAST_PATHS = name != LIGHTNING_PATHS
+        try:
+            return fit_seconds(PlainModel(fresh(), lr, args.log), batches, [callback], args.progress_bar, args.log)
+        finally:
+            _lightning_internals.FAST_PATHS = True
 
     names = ["raw PyTorch loop", "manual Lightning loop", "TBPTTCallback"] + [BY_BATCH] * (args.log_every == "both")
+    names += [LIGHTNING_PATHS] * args.compare_paths
     runs: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.rounds):
         # rotate the order every round so that no method always runs first or last
@@ -225,7 +247,7 @@ def main() -> None:
         f"{len(runs['TBPTTCallback'])} timed batches of {segments} segments, {args.rounds} interleaved rounds, "
         f"{args.threads} threads, torch {torch.__version__}, "
         f"pytorch-lightning {pl.__version__}, log={args.log}, log_every={args.log_every!r},"
-        f" progress bar={args.progress_bar}, stride={args.stride}"
+        f" progress bar={args.progress_bar}, stride={args.stride}, compare paths={args.compare_paths}"
         + ("" if args.stride is None else " (TBPTTCallback: ms per batch / segments of the plain split, see docs)")
     )
     print(f"{'method':<28}{'ms/segment':>12}{'min':>9}{'vs raw':>10}{'vs manual':>12}")
@@ -235,6 +257,9 @@ def main() -> None:
     if BY_BATCH in per_segment:
         step, batch = per_segment["TBPTTCallback"], per_segment[BY_BATCH]
         print(f"log_every='step' against 'batch': {step / batch:.3f}x, {step - batch:+.2f} ms per segment")
+    if LIGHTNING_PATHS in per_segment:
+        fast, slow = per_segment["TBPTTCallback"], per_segment[LIGHTNING_PATHS]
+        print(f"fast paths against Lightning's paths: {fast / slow:.3f}x, {fast - slow:+.3f} ms per segment")
 
 
 if __name__ == "__main__":

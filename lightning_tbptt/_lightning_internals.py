@@ -7,7 +7,9 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
 * ``Trainer.fit_loop.epoch_loop`` — the ``_TrainingEpochLoop``;
 * ``_TrainingEpochLoop.automatic_optimization`` — ``_AutomaticOptimization``, and its
   ``run(optimizer, batch_idx, kwargs)``, ``_make_zero_grad_fn(batch_idx, optimizer)``, ``_skip_backward``,
-  ``_on_before_zero_grad(optimizer)`` and ``_optimizer_zero_grad(batch_idx, optimizer)``;
+  ``_on_before_zero_grad(optimizer)``, ``_optimizer_zero_grad(batch_idx, optimizer)`` and the zeroing counters
+  ``optim_progress.optimizer.zero_grad`` (``increment_ready()``, ``increment_started()``, ``increment_completed()``),
+  which the dispatch-free zeroing advances as those two methods do (see *Fast paths* below);
 * ``_TrainingEpochLoop.manual_optimization`` — ``_ManualOptimization``, and its ``run(kwargs)``;
 * ``_TrainingEpochLoop._should_accumulate()``;
 * ``Trainer._results.batch_size`` — the batch size by which ``self.log(..., on_epoch=True)`` weights a value; set per
@@ -34,6 +36,10 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
 * ``Trainer._run_stage()`` — what runs the sanity check and the training, evaluation or prediction loop; wrapped so
   that the library's patches are removed when it raises, before Lightning calls any ``on_exception`` hook (one that
   raises would stop the others, the library's among them) (:class:`ReleaseOnError`);
+* ``LightningModule._apply_batch_transfer_handler`` and ``_call_batch_hook`` — only compared with Lightning's own (an
+  override of either turns the dispatch-free transfer off);
+* ``<namespace>.trainer.call``'s logger — Lightning logs every hook call it dispatches at ``DEBUG``; while it is enabled
+  the fast paths stay off, so such a log is the same as without them;
 * ``LightningModule._compiler_ctx`` — set by Lightning for a module passed to ``fit`` as ``torch.compile(module)``;
   its ``log``/``log_dict`` are then shadowed by versions that ``torch.compile`` does not trace (a graph break), since
   tracing them fails (:class:`EagerLogging`).
@@ -61,6 +67,24 @@ Calling the original ``run`` once per segment gives every segment Lightning's wh
 the gradients and whether it steps are decided per segment by overriding the two per-batch decisions
 (``_make_zero_grad_fn`` and ``_should_accumulate``) while the segment runs; between segments Lightning's own per-batch
 answers stand.
+
+Fast paths (``FAST_PATHS``). Lightning dispatches every hook through ``trainer.call`` (a debug log line, the profiler,
+``LightningModule._current_fx_name`` set and restored through ``nn.Module.__setattr__``), a few microseconds each, paid
+per segment. Two per-segment round trips are replaced, at each segment, only while nothing could tell the difference:
+the ``Trainer``'s profiler is Lightning's ``PassThroughProfiler`` (it records nothing), the debug log of hook calls is
+off, and every hook involved is Lightning's own default function, unchanged on the class and the instance:
+
+* zeroing (:meth:`TrainingLoopPatch._make_zero_grad_fn`): when no callback overrides ``on_before_zero_grad`` and the
+  module overrides neither ``on_before_zero_grad`` nor ``optimizer_zero_grad``, the segment calls
+  ``optimizer.zero_grad()`` itself (what the default ``optimizer_zero_grad`` does) and advances the zeroing counters as
+  Lightning does; the no-op default hooks are not called;
+* moving a segment (:meth:`StrategyPatch.to_device`): when the strategy's class keeps ``Strategy.batch_to_device`` and
+  neither the module nor the datamodule overrides ``transfer_batch_to_device`` or ``on_after_batch_transfer`` (nor the
+  module ``_apply_batch_transfer_handler``/``_call_batch_hook``), Lightning's default ``transfer_batch_to_device`` and
+  ``on_after_batch_transfer`` functions are called directly, with the arguments Lightning passes them.
+
+Anything overridden, by the user, a callback or the strategy, takes Lightning's own path, hook for hook
+(``tests/test_hook_calls.py``).
 """
 
 import importlib
@@ -78,7 +102,7 @@ from packaging.version import Version
 from torch.optim import Optimizer
 
 from lightning_tbptt.errors import ConfigurationError
-from lightning_tbptt.namespaces import lightning_version, namespace_of
+from lightning_tbptt.namespaces import NAMESPACES, lightning_version, namespace_of
 from lightning_tbptt.schedule import Decision
 
 
@@ -107,6 +131,7 @@ _REQUIRED = {
         "_skip_backward",
         "_on_before_zero_grad",
         "_optimizer_zero_grad",
+        "optim_progress",
     ),
     "manual_optimization": ("run",),
     "trainer": ("_results", "_logger_connector", "_run_stage"),
@@ -138,6 +163,44 @@ def check_supported(trainer: "pl.Trainer", required: dict[str, tuple[str, ...]])
                 f" has no `{owner}.{missing[0]}`. Install a supported release, e.g."
                 " `pip install 'pytorch-lightning>=2.1,<2.7'` (or `lightning`)."
             )
+
+
+FAST_PATHS = True
+"""Whether the dispatch-free paths of the module docstring may be taken. ``False`` runs every segment through
+Lightning's own dispatch (the tests and ``benchmarks/overhead.py --compare-paths`` compare the two)."""
+
+
+def _is_default(obj: Any, name: str, base: Any) -> bool:
+    """Whether ``obj.name`` is ``base``'s own function ``name``: not overridden on ``obj``'s class nor its instance."""
+    if name in getattr(obj, "__dict__", ()):
+        return False
+    default = getattr(base, name, None)
+    return default is not None and getattr(getattr(obj, name, None), "__func__", None) is default
+
+
+class _Defaults:
+    """What the fast paths compare with, for the namespace of one ``Trainer``."""
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        namespace = namespace_of(trainer)
+        self.module = namespace.LightningModule
+        self.datamodule = namespace.LightningDataModule
+        self.strategy = importlib.import_module(f"{namespace.__name__}.strategies").Strategy
+        self.profiler = importlib.import_module(f"{namespace.__name__}.profilers").PassThroughProfiler
+        self.callbacks = tuple(each.Callback for each in NAMESPACES)
+        self._log = logging.getLogger(f"{namespace.__name__}.trainer.call")
+        self._trainer = trainer
+
+    def unobserved(self) -> bool:
+        """Whether skipping Lightning's dispatch of a default hook is invisible: no profiler, no debug log of calls."""
+        profiler = self._trainer.profiler  # type: ignore[attr-defined]
+        return FAST_PATHS and type(profiler) is self.profiler and not self._log.isEnabledFor(logging.DEBUG)
+
+    def callback_hook(self, name: str) -> bool:
+        """Whether no callback of the ``Trainer`` overrides the hook ``name`` (all defaults do nothing)."""
+        callbacks: list[Any] = self._trainer.callbacks  # type: ignore[attr-defined]
+        bases = self.callbacks
+        return all(any(_is_default(callback, name, base) for base in bases) for callback in callbacks)
 
 
 @dataclass
@@ -185,6 +248,7 @@ class TrainingLoopPatch:
         self._run_batch = run_batch
         self._step_logging = step_logging
         self._decision: Decision | None = None
+        self._defaults = _Defaults(trainer)
         self._patches = (
             (self._automatic, "run", self._run_automatic),
             (self._automatic, "_make_zero_grad_fn", self._make_zero_grad_fn),
@@ -227,40 +291,44 @@ class TrainingLoopPatch:
             batch_steps=not self._class_method(self._epoch_loop, "_should_accumulate")(),
             skip_backward=self._automatic._skip_backward,
         )
+        results = self._trainer._results  # the training loop's, one object for the whole fit: looked up once a batch
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
             self._decision = decision
-            steps = self._before_segment(weight)
+            steps = self._before_segment(weight, results)
             try:
                 return original_run(optimizer, batch_idx, segment_kwargs)
             finally:
                 self._decision = None
-                self._after_segment(steps)
+                self._after_segment(steps, results)
 
         return self._run_batch(context, run_segment)
 
     def _run_manual(self, kwargs: "OrderedDict[str, Any]") -> dict[str, Any]:
         original_run = self._class_method(self._manual, "run")
         context = BatchContext(kwargs=kwargs, automatic=False)
+        results = self._trainer._results
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
-            steps = self._before_segment(weight)
+            steps = self._before_segment(weight, results)
             try:
                 return original_run(segment_kwargs)
             finally:
-                self._after_segment(steps)
+                self._after_segment(steps, results)
 
         return self._run_batch(context, run_segment)
 
-    def _before_segment(self, weight: int) -> int:
-        """Weight the segment's logged values; return the optimizer steps taken so far."""
+    def _before_segment(self, weight: int, results: Any) -> int:
+        """Weight the segment's logged values (``results``: ``Trainer._results``); return the optimizer steps so far."""
         if self._step_logging is not None:
             self._step_logging.flush()  # the row owed for the previous segment's step
-        set_log_weight(self._trainer, weight)
+        if results is not None:  # as `set_log_weight`, without resolving the active loop's results twice a segment
+            results.batch_size = weight
         return self._trainer.global_step
 
-    def _after_segment(self, steps_before: int) -> None:
-        set_log_weight(self._trainer, None)
+    def _after_segment(self, steps_before: int, results: Any) -> None:
+        if results is not None:
+            results.batch_size = None
         connector = self._trainer._logger_connector
         if connector._first_loop_iter is True:
             connector._first_loop_iter = False
@@ -274,12 +342,34 @@ class TrainingLoopPatch:
             return self._class_method(automatic, "_make_zero_grad_fn")(batch_idx, optimizer)
         if automatic._skip_backward or not decision.zero_grad:
             return None
+        if self._default_zeroing():
+            counters = automatic.optim_progress.optimizer.zero_grad
+
+            def plain_zero_grad_fn() -> None:
+                # Lightning's `_on_before_zero_grad` and `_optimizer_zero_grad` less the dispatch of default hooks
+                counters.increment_ready()
+                counters.increment_started()
+                optimizer.zero_grad()  # the default `optimizer_zero_grad`
+                counters.increment_completed()
+
+            return plain_zero_grad_fn
 
         def zero_grad_fn() -> None:
             automatic._on_before_zero_grad(optimizer)
             automatic._optimizer_zero_grad(batch_idx, optimizer)
 
         return zero_grad_fn
+
+    def _default_zeroing(self) -> bool:
+        """Whether zeroing would only dispatch default hooks: ``on_before_zero_grad`` and ``optimizer_zero_grad``."""
+        defaults = self._defaults
+        module = self._trainer.lightning_module
+        return (
+            defaults.unobserved()
+            and _is_default(module, "on_before_zero_grad", defaults.module)
+            and _is_default(module, "optimizer_zero_grad", defaults.module)
+            and defaults.callback_hook("on_before_zero_grad")
+        )
 
     def _should_accumulate(self) -> bool:
         if self._decision is None:
@@ -522,6 +612,8 @@ class StrategyPatch:
         run_evaluation: RunEvaluation | None,
     ) -> None:
         self._strategy = trainer.strategy
+        self._trainer = trainer
+        self._defaults = _Defaults(trainer)
         self._keep_on_host = keep_on_host
         self._run_evaluation = run_evaluation
         self.dataloader_idx = 0
@@ -546,7 +638,29 @@ class StrategyPatch:
 
     def to_device(self, batch: Any) -> Any:
         """Move ``batch`` (a segment) to the device through the strategy and the module's transfer hooks."""
+        module = self._strategy.lightning_module
+        if module is not None and self._default_transfer(module):
+            # what `Strategy.batch_to_device` runs, less the dispatch: the two default hooks, with its arguments
+            defaults = self._defaults.module
+            device = self._strategy.root_device
+            batch = defaults.transfer_batch_to_device(module, batch, device, self.dataloader_idx)
+            return defaults.on_after_batch_transfer(module, batch, self.dataloader_idx)
         return self._original("batch_to_device")(batch, dataloader_idx=self.dataloader_idx)
+
+    def _default_transfer(self, module: Any) -> bool:
+        """Whether moving a segment would only dispatch Lightning's default transfer hooks."""
+        defaults = self._defaults
+        if not defaults.unobserved() or getattr(type(self._strategy), "batch_to_device", None) is not getattr(
+            defaults.strategy, "batch_to_device", None
+        ):
+            return False
+        names = ("transfer_batch_to_device", "on_after_batch_transfer")
+        if not all(_is_default(module, name, defaults.module) for name in (*names, "_apply_batch_transfer_handler")):
+            return False
+        if not _is_default(module, "_call_batch_hook", defaults.module):
+            return False
+        datamodule = getattr(self._trainer, "datamodule", None)
+        return datamodule is None or all(_is_default(datamodule, name, defaults.datamodule) for name in names)
 
     def _batch_to_device(self, batch: Any, device: Any = None, dataloader_idx: int = 0) -> Any:
         self.dataloader_idx = dataloader_idx
