@@ -13,6 +13,8 @@ import torch
 from lightning_tbptt.state import detach_state
 from tests.helpers import LR, MOMENTUM, SequenceRegressor
 
+pytestmark = pytest.mark.slow  # every test launches two DDP processes (seconds each)
+
 SEGMENT = 4
 WEIGHT_DECAY = 0.1
 # per rank: batches of 2 padded sequences; (padded length, lengths). Segments run per batch with SEGMENT=4:
