@@ -22,6 +22,7 @@ def run_script(name: str, *args: str) -> list[str]:
     return result.stdout.splitlines()
 
 
+@pytest.mark.slow  # a benchmark script run in a subprocess
 def test_variable_length_benchmark_runs_and_prints_the_four_methods():
     tiny = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "4", "--length", "64", "--segment-length", "16"]
     lines = run_script("variable_length.py", *tiny, "--batches", "2", "--rounds", "1")
@@ -33,6 +34,7 @@ def test_variable_length_benchmark_runs_and_prints_the_four_methods():
     assert rows["every padded step"][2] == 1.0, "ratios are against the padded run"
 
 
+@pytest.mark.slow  # a benchmark script run in a subprocess
 @pytest.mark.parametrize("extra", [[], ["--log", "--log-every", "both"]], ids=["default", "log-every-both"])
 def test_overhead_benchmark_runs_and_prints_the_three_methods(extra):
     args = ["--hidden-size", "8", "--input-size", "2", "--batch-size", "2", "--length", "64", "--batches", "2", *extra]
@@ -55,6 +57,7 @@ def test_overhead_benchmark_runs_and_prints_the_three_methods(extra):
     assert any(line.startswith("log_every='step' against 'batch': ") for line in lines) == bool(extra)
 
 
+@pytest.mark.slow  # a benchmark script run in a subprocess
 def test_memory_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "memory.png"
@@ -68,6 +71,7 @@ def test_memory_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow  # a benchmark script run in a subprocess
 def test_seed_style_benchmark_runs_every_mode_and_writes_the_plot(tmp_path):
     pytest.importorskip("matplotlib")
     plot = tmp_path / "seed_style.png"

@@ -84,7 +84,7 @@ def same_parameters(cells: CellRegressor, rnns: RNNRegressor) -> bool:
     return all(torch.allclose(p, q, rtol=0, atol=1e-10) for p, q in pairs)
 
 
-@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("kind", [pytest.param(k, marks=pytest.mark.slow) if k == "lstm" else k for k in CELLS])
 def test_a_cell_loop_equals_the_hand_written_tbptt_loop(tmp_path, kind):
     model, reference, loader, trainer = fit_with_twin(
         tmp_path, lambda: CellRegressor(kind).double(), [TBPTTCallback(5)]
@@ -119,7 +119,7 @@ def test_streaming_with_resets_inside_segments_equals_the_per_lane_reference(tmp
     assert same_parameters(cells, reference)
 
 
-@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("kind", [pytest.param("lstm", marks=pytest.mark.slow), "gru"])
 def test_overlapping_windows_carry_the_state_after_the_stride(tmp_path, kind):
     batches = list(make_loader())
     cells, rnns = fit_both(tmp_path, kind, lambda: TBPTTCallback(8, stride=3), batches, masked=True)

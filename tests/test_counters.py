@@ -240,7 +240,7 @@ def test_validation_between_batches_does_not_clear_accumulated_gradients(tmp_pat
     assert parameters_equal(model, reference)
 
 
-@pytest.mark.parametrize("step_per", ["segment", "batch"])
+@pytest.mark.parametrize("step_per", [pytest.param("segment", marks=pytest.mark.slow), "batch"])
 def test_accumulation_changed_by_a_gradient_accumulation_scheduler(tmp_path, step_per):
     scheduler = GradientAccumulationScheduler({0: 1, 1: 3})
     model, reference, loader, trainer = fit_with_twin(
@@ -266,7 +266,7 @@ class UnusedBatchNorm(SequenceRegressor):
         self.steps_per_epoch.append(self.trainer.global_step - self.first_step)
 
 
-@pytest.mark.parametrize("step_per", ["segment", "batch"])
+@pytest.mark.parametrize("step_per", [pytest.param("segment", marks=pytest.mark.slow), "batch"])
 def test_epoch_without_backward_steps_like_lightning(tmp_path, step_per):
     """In StochasticWeightAveraging's BatchNorm epoch Lightning runs no backward and steps once, at the end."""
     model = UnusedBatchNorm().double()

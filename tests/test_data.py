@@ -463,6 +463,7 @@ def assert_inputs_equal(actual, expected):
     assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
 
 
+@pytest.mark.slow  # a fit, validation, test and predict
 def test_the_data_module_feeds_a_trainer_in_every_stage(tmp_path):
     data = LaneDataModule(TOKENS, TOKENS[:2], TOKENS[2], TOKENS, lanes=4, steps=16, eval_lanes=2, target_shift=1)
     model = TinyLM()
@@ -560,7 +561,15 @@ def quietly_resume(root, ckpt_path, **kwargs):
 
 @pytest.mark.parametrize(
     "name",
-    ["step=1", "step=3", "step=4", "step=6", "validated-step=2", "validated-step=6", "epoch-end-step=4"],
+    [
+        "step=1",
+        "step=3",
+        "step=4",
+        "step=6",
+        "validated-step=2",
+        pytest.param("validated-step=6", marks=pytest.mark.slow),  # the slowest of these resumes here
+        pytest.param("epoch-end-step=4", marks=pytest.mark.slow),
+    ],
     ids=[
         "mid-epoch-0",
         "before-last-batch",
@@ -671,6 +680,7 @@ print(json.dumps({"grown_mib": peak_mib() - before}))
 """
 
 
+@pytest.mark.slow  # reads a 256 MiB file in a subprocess
 def test_reading_a_whole_file_does_not_grow_resident_memory(tmp_path):
     """The file is read with positioned reads, not mapped: resident memory holds one batch, not the pages read."""
     path = tmp_path / "big.npy"

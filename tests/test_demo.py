@@ -43,6 +43,7 @@ def run(*flags):
     return args.run(args)
 
 
+@pytest.mark.slow  # `python -m lightning_tbptt demo --help` in a fresh interpreter
 def test_console_script_and_module_run_the_same_main():
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lightning-tbptt"]
     assert script.value == "lightning_tbptt.__main__:main"
@@ -126,6 +127,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.slow  # three demo fits
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     torch.manual_seed(0)
     whole = run("--max-steps=24", "--val-every=2", f"--checkpoint-dir={tmp_path / 'whole'}")
@@ -240,6 +242,7 @@ def assert_same_parameters(path, expected):
         assert torch.equal(saved["state_dict"][name], value), name
 
 
+@pytest.mark.slow  # a demo fit and several resumes
 def test_resuming_a_completed_run_reports_it_and_exits_cleanly(tmp_path, capsys):
     completed = run("--max-steps=12", "--val-every=2", f"--checkpoint-dir={tmp_path}")
     capsys.readouterr()
@@ -400,6 +403,7 @@ def test_resume_command_repeats_the_flags_of_the_run():
     assert vars(again) == {**vars(args), "resume": "last"}
 
 
+@pytest.mark.slow  # three demo fits
 def test_a_run_with_checkpoints_and_resumes_warns_of_nothing(tmp_path):
     # e.g. torch 2.4 and 2.5 answer every `torch.load` without `weights_only` with a FutureWarning
     with warnings.catch_warnings():
@@ -437,6 +441,7 @@ def test_ctrl_c_in_a_terminal_run_resumes_to_the_parameters_of_an_uninterrupted_
         assert torch.equal(resumed["state_dict"][name], value), name
 
 
+@pytest.mark.slow  # two demo fits
 def test_a_max_steps_inside_a_batch_trains_to_its_end_and_resumes_exactly(tmp_path, capsys, uninterrupted):
     result = run("--max-steps=9", "--val-every=2", f"--checkpoint-dir={tmp_path}")
     out = capsys.readouterr().out

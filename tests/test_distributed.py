@@ -13,6 +13,8 @@ import torch
 from lightning_tbptt.state import detach_state
 from tests.helpers import LR, MOMENTUM, SequenceRegressor
 
+pytestmark = pytest.mark.slow  # every test launches two DDP processes (seconds each)
+
 SEGMENT = 4
 WEIGHT_DECAY = 0.1
 # per rank: batches of 2 padded sequences; (padded length, lengths). Segments run per batch with SEGMENT=4:
@@ -208,18 +210,43 @@ if __name__ == "__main__":
 """
 
 
+STDERR_TAIL = 60
+
+
+def with_stderr_tail(message: str, stderr: bytes | None) -> str:
+    lines = (stderr or b"").decode(errors="replace").splitlines()
+    return "\n".join([message, f"last {STDERR_TAIL} lines of its stderr:", *lines[-STDERR_TAIL:]])
+
+
+class DDPFailed(subprocess.CalledProcessError):
+    """A failed DDP run whose message ends with the tail of its stderr (the ranks' tracebacks, a signal's report)."""
+
+    def __str__(self) -> str:
+        return with_stderr_tail(super().__str__(), self.stderr)
+
+
+class DDPTimedOut(subprocess.TimeoutExpired):
+    def __str__(self) -> str:
+        return with_stderr_tail(super().__str__(), self.stderr)
+
+
 def run_ddp(tmp_path: Path, strategy: str, step_per: str, scenario: str = "") -> list[dict[str, Any]]:
     script = tmp_path / "ddp_segments.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parent.parent
-    subprocess.run(
-        [sys.executable, str(script), strategy, step_per, str(tmp_path), scenario],
-        cwd=root,
-        env={**os.environ, "PYTHONPATH": str(root)},
-        check=True,
-        timeout=240,  # a rank waiting for a collective the other skips would hang here
-        capture_output=True,
-    )
+    try:
+        subprocess.run(
+            [sys.executable, str(script), strategy, step_per, str(tmp_path), scenario],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            check=True,
+            timeout=240,  # a rank waiting for a collective the other skips would hang here
+            capture_output=True,
+        )
+    except subprocess.CalledProcessError as error:  # still one: the tests of failing runs read its `stderr`
+        raise DDPFailed(error.returncode, error.cmd, error.output, error.stderr) from None
+    except subprocess.TimeoutExpired as error:
+        raise DDPTimedOut(error.cmd, error.timeout, error.output, error.stderr) from None
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

@@ -118,6 +118,7 @@ def peak_memory_mib(length: int, mode: str) -> float:
     return probe_peak_mib(PROBE, length, mode)
 
 
+@pytest.mark.slow  # fits of short and long sequences, each in a fresh process
 def test_peak_memory_is_flat_in_sequence_length():
     short, long = 512, 4096
     base = peak_memory_mib(short, "tbptt")
@@ -162,6 +163,7 @@ def evaluation_peak_mib(length: int, mode: str) -> float:
     return probe_peak_mib(EVALUATION_PROBE, length, mode)
 
 
+@pytest.mark.slow  # fits of short and long sequences, each in a fresh process
 def test_evaluation_memory_is_flat_in_sequence_length():
     short, long = 4096, 40960
     base = evaluation_peak_mib(short, "segmented")

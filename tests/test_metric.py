@@ -178,6 +178,7 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two spawned processes
 def test_masked_metric_syncs_across_two_processes():
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "value.pt")

@@ -143,6 +143,7 @@ def test_a_datamodule_leaves_the_modules_transfer_hooks_in_charge_in_either_name
     assert calls == [0, 0]  # the module's hook, not the datamodule's default
 
 
+@pytest.mark.slow  # a fresh interpreter each
 @pytest.mark.parametrize(
     ("first", "logger"),
     [("", "pytorch_lightning"), ("import lightning.pytorch", "lightning.pytorch")],
@@ -154,6 +155,7 @@ def test_lightning_keeps_logging_to_the_namespace_imported_first(first, logger):
     assert result.stdout.strip() == f"{logger}.utilities.rank_zero"
 
 
+@pytest.mark.slow  # a fit in a fresh interpreter
 def test_a_fit_logs_in_the_namespace_of_its_trainer(tmp_path):
     # `lightning_tbptt` imported first points the shared logger at `pytorch_lightning`; a `lightning.pytorch` fit
     # must log where a `lightning.pytorch` user configured logging, and leave the logger as it found it

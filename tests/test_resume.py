@@ -248,6 +248,7 @@ if trainer.global_rank == 0:
 """
 
 
+@pytest.mark.slow  # two DDP fits in subprocesses
 def test_a_streaming_checkpoint_of_two_processes_resumes_each_process_exactly(tmp_path):
     script = tmp_path / "ddp_probe.py"
     script.write_text(DDP_PROBE)
