@@ -36,6 +36,9 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
 * ``Trainer._run_stage()`` — what runs the sanity check and the training, evaluation or prediction loop; wrapped so
   that the library's patches are removed when it raises, before Lightning calls any ``on_exception`` hook (one that
   raises would stop the others, the library's among them) (:class:`ReleaseOnError`);
+* ``Precision._after_closure(model, optimizer)`` and ``Precision._clip_gradients`` — the first shadowed on the precision
+  plugin's instance (with the public ``pre_backward`` and ``post_backward``), the second only compared with Lightning's
+  own (see *Fast paths*);
 * ``LightningModule._apply_batch_transfer_handler`` and ``_call_batch_hook`` — only compared with Lightning's own (an
   override of either turns the dispatch-free transfer off);
 * ``<namespace>.trainer.call``'s logger — Lightning logs every hook call it dispatches at ``DEBUG``; while it is enabled
@@ -70,18 +73,28 @@ answers stand.
 
 Fast paths (``FAST_PATHS``). Lightning dispatches every hook through ``trainer.call`` (a debug log line, the profiler,
 ``LightningModule._current_fx_name`` set and restored through ``nn.Module.__setattr__``), a few microseconds each, paid
-per segment. Two per-segment round trips are replaced, at each segment, only while nothing could tell the difference:
-the ``Trainer``'s profiler is Lightning's ``PassThroughProfiler`` (it records nothing), the debug log of hook calls is
-off, and every hook involved is Lightning's own default function, unchanged on the class and the instance:
+per segment. These per-segment round trips are replaced, decided once per batch, only while nothing could tell the
+difference: the ``Trainer``'s profiler is Lightning's ``PassThroughProfiler`` (it records nothing), the debug log of
+hook calls is off, and every hook involved is Lightning's own default function, unchanged on the class and the instance:
 
 * zeroing (:meth:`TrainingLoopPatch._make_zero_grad_fn`): when no callback overrides ``on_before_zero_grad`` and the
   module overrides neither ``on_before_zero_grad`` nor ``optimizer_zero_grad``, the segment calls
   ``optimizer.zero_grad()`` itself (what the default ``optimizer_zero_grad`` does) and advances the zeroing counters as
   Lightning does; the no-op default hooks are not called;
+* the hooks around backward and the optimizer step (``Precision.pre_backward``, ``post_backward`` and
+  ``_after_closure``, shadowed on the precision plugin's instance where its class keeps Lightning's own): when neither
+  the module nor a callback overrides ``on_before_backward``, ``on_after_backward`` or ``on_before_optimizer_step``,
+  their no-op defaults are not dispatched; the clipping that follows ``on_before_optimizer_step`` is skipped with it
+  only when ``Trainer(gradient_clip_val=...)`` is unset and neither ``configure_gradient_clipping`` nor
+  ``clip_gradients`` is overridden (Lightning's default then clips nothing);
 * moving a segment (:meth:`StrategyPatch.to_device`): when the strategy's class keeps ``Strategy.batch_to_device`` and
   neither the module nor the datamodule overrides ``transfer_batch_to_device`` or ``on_after_batch_transfer`` (nor the
   module ``_apply_batch_transfer_handler``/``_call_batch_hook``), Lightning's default ``transfer_batch_to_device`` and
-  ``on_after_batch_transfer`` functions are called directly, with the arguments Lightning passes them.
+  ``on_after_batch_transfer`` functions are called directly, with the arguments Lightning passes them; and when every
+  object of the batch with a ``to`` method is a tensor already on the device (training on the CPU), nothing is called
+  at all: ``tensor.to(device)`` would return the tensor itself (:meth:`StrategyPatch.moves`);
+* no row for the loggers is collected after an optimizer step when the ``Trainer`` has no logger
+  (:meth:`StepLogging.flush`).
 
 Anything overridden, by the user, a callback or the strategy, takes Lightning's own path, hook for hook
 (``tests/test_hook_calls.py``).
@@ -98,6 +111,7 @@ from typing import Any
 import lightning_utilities.core.rank_zero as rank_zero
 import pytorch_lightning as pl
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from packaging.version import Version
 from torch.optim import Optimizer
 
@@ -135,6 +149,7 @@ _REQUIRED = {
     ),
     "manual_optimization": ("run",),
     "trainer": ("_results", "_logger_connector", "_run_stage"),
+    "precision": ("pre_backward", "post_backward", "_after_closure"),
     "logger_connector": ("_first_loop_iter", "log_metrics", "update_train_step_metrics", "metrics"),
 }
 
@@ -149,6 +164,7 @@ def _owners(trainer: "pl.Trainer") -> dict[str, Any]:
         "manual_optimization": getattr(epoch_loop, "manual_optimization", None),
         "trainer": trainer,
         "logger_connector": getattr(trainer, "_logger_connector", None),
+        "precision": getattr(getattr(trainer, "strategy", None), "precision_plugin", None),
     }
 
 
@@ -187,6 +203,7 @@ class _Defaults:
         self.datamodule = namespace.LightningDataModule
         self.strategy = importlib.import_module(f"{namespace.__name__}.strategies").Strategy
         self.profiler = importlib.import_module(f"{namespace.__name__}.profilers").PassThroughProfiler
+        self.precision = importlib.import_module(f"{namespace.__name__}.plugins.precision").Precision
         self.callbacks = tuple(each.Callback for each in NAMESPACES)
         self._log = logging.getLogger(f"{namespace.__name__}.trainer.call")
         self._trainer = trainer
@@ -249,11 +266,26 @@ class TrainingLoopPatch:
         self._step_logging = step_logging
         self._decision: Decision | None = None
         self._defaults = _Defaults(trainer)
+        self._zeroing_by_default = False
+        self._precision = trainer.strategy.precision_plugin
+        self._default_hooks: frozenset[str] = frozenset()
+        """The hooks whose dispatch the running batch's segments skip (see *Fast paths*), decided per batch."""
+        shadows = {
+            "pre_backward": self._pre_backward,
+            "post_backward": self._post_backward,
+            "_after_closure": self._after_closure,
+        }
         self._patches = (
             (self._automatic, "run", self._run_automatic),
             (self._automatic, "_make_zero_grad_fn", self._make_zero_grad_fn),
             (self._manual, "run", self._run_manual),
             (self._epoch_loop, "_should_accumulate", self._should_accumulate),
+            # only where the precision plugin's class keeps Lightning's own method (a subclass's is left alone)
+            *(
+                (self._precision, name, shadow)
+                for name, shadow in shadows.items()
+                if getattr(type(self._precision), name, None) is getattr(self._defaults.precision, name)
+            ),
         )
 
     def install(self) -> None:
@@ -292,6 +324,8 @@ class TrainingLoopPatch:
             skip_backward=self._automatic._skip_backward,
         )
         results = self._trainer._results  # the training loop's, one object for the whole fit: looked up once a batch
+        self._zeroing_by_default = self._default_zeroing()  # what a segment's zeroing dispatches: decided per batch
+        self._default_hooks = self._hooks_by_default()
 
         def run_segment(segment_kwargs: "OrderedDict[str, Any]", decision: Decision | None, weight: int) -> Any:
             self._decision = decision
@@ -342,7 +376,7 @@ class TrainingLoopPatch:
             return self._class_method(automatic, "_make_zero_grad_fn")(batch_idx, optimizer)
         if automatic._skip_backward or not decision.zero_grad:
             return None
-        if self._default_zeroing():
+        if self._zeroing_by_default:
             counters = automatic.optim_progress.optimizer.zero_grad
 
             def plain_zero_grad_fn() -> None:
@@ -370,6 +404,43 @@ class TrainingLoopPatch:
             and _is_default(module, "optimizer_zero_grad", defaults.module)
             and defaults.callback_hook("on_before_zero_grad")
         )
+
+    def _hooks_by_default(self) -> frozenset[str]:
+        """The hooks around backward and the optimizer step that would only dispatch Lightning's no-op defaults."""
+        defaults = self._defaults
+        if not defaults.unobserved():
+            return frozenset()
+        module = self._trainer.lightning_module
+        found = {
+            name
+            for name in ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+            if _is_default(module, name, defaults.module) and defaults.callback_hook(name)
+        }
+        no_clipping = (
+            not self._trainer.gradient_clip_val
+            and _is_default(module, "configure_gradient_clipping", defaults.module)
+            and _is_default(module, "clip_gradients", defaults.module)
+            and getattr(type(self._precision), "_clip_gradients", None) is defaults.precision._clip_gradients
+        )
+        if no_clipping:  # the default clipping with no clip value clips nothing (`Precision.clip_gradients`)
+            found.add("configure_gradient_clipping")
+        return frozenset(found)
+
+    def _pre_backward(self, tensor: Any, module: Any) -> Any:
+        if self._decision is not None and "on_before_backward" in self._default_hooks:
+            return tensor  # `Precision.pre_backward` less the dispatch of the default hooks
+        return self._class_method(self._precision, "pre_backward")(tensor, module)
+
+    def _post_backward(self, tensor: Any, module: Any) -> Any:
+        if self._decision is not None and "on_after_backward" in self._default_hooks:
+            return tensor.detach()  # `Precision.post_backward` less the dispatch of the default hooks
+        return self._class_method(self._precision, "post_backward")(tensor, module)
+
+    def _after_closure(self, model: Any, optimizer: Any) -> None:
+        skipped = {"on_before_optimizer_step", "configure_gradient_clipping"}
+        if self._decision is not None and skipped <= self._default_hooks:
+            return  # `Precision._after_closure` less the dispatch of the default hooks, which do nothing
+        self._class_method(self._precision, "_after_closure")(model, optimizer)
 
     def _should_accumulate(self) -> bool:
         if self._decision is None:
@@ -443,10 +514,15 @@ class StepLogging:
             self._owed = steps
 
     def flush(self) -> None:
-        """Send the row owed, if any."""
+        """Send the row owed, if any.
+
+        Without loggers there is nowhere to send it: Lightning's ``log_metrics`` would return at once, so the row's
+        values are not even collected.
+        """
         if self._owed is not None:
             self._owed = None
-            self._log_metrics(self._connector.metrics["log"])
+            if self._trainer.loggers:
+                self._log_metrics(self._connector.metrics["log"])
 
     def _update_train_step_metrics(self) -> None:
         # at the end of a batch: the row of its last step (Lightning also logs the last step before stopping)
@@ -588,6 +664,13 @@ def set_log_weight(trainer: "pl.Trainer", weight: int | None) -> None:
         results.batch_size = weight
 
 
+def _leaves(batch: Any) -> list[Any]:
+    """Every object of a (nested) batch that is not a collection Lightning's ``apply_to_collection`` goes into."""
+    found: list[Any] = []
+    apply_to_collection(batch, object, found.append)
+    return found
+
+
 EVALUATION_STEPS = ("validation_step", "test_step", "predict_step")
 
 RunEvaluation = Callable[[str, Callable[..., Any], tuple[Any, ...], dict[str, Any]], Any]
@@ -646,6 +729,21 @@ class StrategyPatch:
             batch = defaults.transfer_batch_to_device(module, batch, device, self.dataloader_idx)
             return defaults.on_after_batch_transfer(module, batch, self.dataloader_idx)
         return self._original("batch_to_device")(batch, dataloader_idx=self.dataloader_idx)
+
+    def moves(self, batch: Any) -> bool:
+        """Whether moving the segments of ``batch`` (on the host) to the device can change anything.
+
+        ``False`` only when the transfer would run nothing but Lightning's default hooks (see :meth:`to_device`) and
+        every object of the batch that has a ``to`` method (what Lightning's default ``transfer_batch_to_device``
+        calls) is a tensor already on the root device: ``tensor.to(device)`` then returns the tensor itself, and the
+        segments, cut from the batch's tensors, are on that device too. Decided once per batch.
+        """
+        module = self._strategy.lightning_module
+        if module is None or not self._default_transfer(module):
+            return True
+        device = self._strategy.root_device
+        movable = [leaf for leaf in _leaves(batch) if callable(getattr(leaf, "to", None))]
+        return not all(isinstance(leaf, torch.Tensor) and leaf.device == device for leaf in movable)
 
     def _default_transfer(self, module: Any) -> bool:
         """Whether moving a segment would only dispatch Lightning's default transfer hooks."""

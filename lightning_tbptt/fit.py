@@ -134,6 +134,8 @@ class Fit:
         self._runner: SegmentRunner | None = None
         self._first_batch_checked = False
         self._modules_checked = False
+        self._moving = False
+        """Whether the running batch's segments are moved to the device one at a time (see ``_prepare_transfer``)."""
         # removed when the stage raises, even if another callback's `on_exception` raises before ours runs
         self.loop_patch: TrainingLoopPatch | None = None
         patches: list[Any] = [RankZeroLogging(trainer), ReleaseOnError(trainer, release), EagerLogging(module)]
@@ -273,9 +275,13 @@ class Fit:
             return self.loop_patch is not None
         return self.settings.evaluate
 
+    def _prepare_transfer(self, batch: Any) -> None:
+        """Decide, once per batch, whether its segments are moved to the device one at a time."""
+        self._moving = self._keeps_on_host() and self.strategy_patch.moves(batch)
+
     def _to_device(self, planned: PlannedSegment) -> tuple[Any, Segment]:
         """Move a segment to the device when batches stay on the host; its info then describes it there."""
-        if not self._keeps_on_host():
+        if not self._moving:
             return planned.batch, planned.info
         batch = self.strategy_patch.to_device(planned.batch)
         info = planned.info
@@ -306,6 +312,7 @@ class Fit:
             agree_on_segment_count(trainer, 0, automatic=context.automatic, error=error)
             raise
         total = agree_on_segment_count(trainer, plan.steps, automatic=context.automatic)
+        self._prepare_transfer(context.kwargs["batch"])
         self.record.in_batch = True
         step_per: StepPer = "batch" if context.skip_backward else self.settings.step_per
         schedule = self.schedule
@@ -354,6 +361,7 @@ class Fit:
             stream.enter_dataloader(rest[1] if len(rest) > 1 else kwargs.get("dataloader_idx", 0))
         plan = self.plan(batch, EVAL)
         stream.begin_batch(plan, self.settings.streaming)
+        self._prepare_transfer(batch)
         try:
             output = self.runner.evaluate(plan, step, rest, kwargs, stream)
         finally:

@@ -240,6 +240,11 @@ def test_several_segments_repeat_the_optimisation_hooks_once_per_segment(tmp_pat
         (("optimizer_step",), ()),
         (("configure_gradient_clipping",), ()),
         ((), ("on_before_optimizer_step",)),
+        (("on_before_backward",), ()),
+        ((), ("on_before_backward",)),
+        (("on_after_backward",), ()),
+        ((), ("on_after_backward",)),
+        (("on_before_optimizer_step",), ()),
     ],
     ids=[
         "optimizer_zero_grad",
@@ -250,6 +255,11 @@ def test_several_segments_repeat_the_optimisation_hooks_once_per_segment(tmp_pat
         "step",
         "clipping",
         "callback-on_before_optimizer_step",
+        "module-on_before_backward",
+        "callback-on_before_backward",
+        "module-on_after_backward",
+        "callback-on_after_backward",
+        "module-on_before_optimizer_step",
     ],
 )
 @pytest.mark.parametrize("segments", [1, 3])
@@ -289,6 +299,16 @@ def test_a_single_overridden_hook_is_still_called_as_lightning_calls_it(
     assert recorded, "the overridden hook was called"
 
 
+SKIPPED = (
+    "optimizer_zero_grad",
+    "transfer_batch_to_device",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "configure_gradient_clipping",
+)
+
+
 def test_fast_paths_change_nothing_but_the_dispatch(tmp_path, monkeypatch):
     """Nothing overridden: the same parameters and loop counters, and the default hooks were not dispatched."""
     dispatched: list[str] = []
@@ -309,14 +329,14 @@ def test_fast_paths_change_nothing_but_the_dispatch(tmp_path, monkeypatch):
             _params(trainer.lightning_module),
             copy.deepcopy(loop.optim_progress.state_dict()),
             trainer.global_step,
-            {name: dispatched.count(name) for name in ("optimizer_zero_grad", "transfer_batch_to_device")},
+            {name: dispatched.count(name) for name in SKIPPED},
         )
     fast, slow = results[True], results[False]
     torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=0)
     assert fast[1] == slow[1]
     assert fast[2] == slow[2] == 9
-    assert slow[3] == {"optimizer_zero_grad": 9, "transfer_batch_to_device": 9 + 2 * 3}
-    assert fast[3] == {"optimizer_zero_grad": 0, "transfer_batch_to_device": 0}
+    assert slow[3] == {name: 9 + 2 * 3 if name == "transfer_batch_to_device" else 9 for name in SKIPPED}
+    assert fast[3] == dict.fromkeys(SKIPPED, 0)
 
 
 def test_a_profiler_sees_every_hook(tmp_path):
@@ -395,3 +415,29 @@ def test_a_datamodule_that_overrides_transfer_batch_to_device_moves_every_segmen
     )
     trainer.fit(Base([]), datamodule=TransferDataModule(calls))
     assert calls == [("datamodule.transfer_batch_to_device", 8, 0)] * 9
+
+
+def test_a_clip_value_keeps_the_clipping_hook_and_clips_alike(tmp_path, monkeypatch):
+    """With `gradient_clip_val` set, the clipping after `on_before_optimizer_step` runs: fast paths or not, and
+    the result is the clipped one (not that of a fit without clipping)."""
+    dispatched: list[str] = []
+    original = call._call_lightning_module_hook
+
+    def counting(trainer: Any, hook_name: str, *args: Any, **kwargs: Any) -> Any:
+        dispatched.append(hook_name)
+        return original(trainer, hook_name, *args, **kwargs)
+
+    monkeypatch.setattr(call, "_call_lightning_module_hook", counting)
+    results = {}
+    for fast, clip in ((True, 0.01), (False, 0.01), (True, None)):
+        monkeypatch.setattr(_lightning_internals, "FAST_PATHS", fast)
+        dispatched.clear()
+        trainer = fit(
+            tmp_path, Base([]), [], tbptt=TBPTTCallback(8), length=24, callback_hooks=(), gradient_clip_val=clip
+        )
+        results[fast, clip] = (_params(trainer.lightning_module), dispatched.count("configure_gradient_clipping"))
+    torch.testing.assert_close(results[True, 0.01][0], results[False, 0.01][0], rtol=0, atol=0)
+    assert results[True, 0.01][1] == results[False, 0.01][1] == 9
+    assert results[True, None][1] == 0
+    unclipped, clipped = results[True, None][0], results[True, 0.01][0]
+    assert any(not torch.equal(a, b) for a, b in zip(unclipped, clipped, strict=True))
