@@ -258,9 +258,13 @@ class TBPTTCallback(CallbackBase):
         refuse_for(self.settings, facts, stage)
         if stage != "fit" and not self.evaluate:
             return
+        # where training stands stays that of the last fit through a later validate/test/predict (its checkpoints)
+        record = self._fit.record if self._fit is not None and stage != "fit" else None
         self._fit = Fit(
             self.settings, trainer, pl_module, stage, facts, split_batch=self.split_batch, release=self.release
         )
+        if record is not None:
+            self._fit.record = record
 
     def _active(self) -> Fit | None:
         fit = self._fit

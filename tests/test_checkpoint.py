@@ -1,5 +1,7 @@
 """The checkpoint record: written and read back, refused when newer, split per process when gathered."""
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -65,3 +67,21 @@ def test_each_process_takes_its_own_part_of_a_gathered_record():
     assert second.unfinished is not None and second.unfinished.tolist() == [0]
     alone = CheckpointRecord(epoch=1)
     assert alone.for_process(3) is alone
+
+
+def test_a_later_evaluation_keeps_where_training_stands(tmp_path):
+    from lightning_tbptt import TBPTTCallback
+    from tests.helpers import SequenceRegressor, make_loader, make_trainer
+
+    class Evaluated(SequenceRegressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            self(batch[0])
+
+    callback = TBPTTCallback(5)
+    trainer = make_trainer(tmp_path, [callback], limit_train_batches=2)
+    model = Evaluated(log=False).double()
+    trainer.fit(model, make_loader())
+    assert callback.state_dict()["batches_done"] == 2
+    trainer.validate(model, make_loader(), verbose=False)  # a checkpoint saved now still says where training stands
+    after_validate = callback.state_dict()
+    assert (after_validate["epoch"], after_validate["batches_done"]) == (0, 2)
