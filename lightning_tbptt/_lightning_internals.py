@@ -86,7 +86,8 @@ hook calls is off, and every hook involved is Lightning's own default function, 
   the module nor a callback overrides ``on_before_backward``, ``on_after_backward`` or ``on_before_optimizer_step``,
   their no-op defaults are not dispatched; the clipping that follows ``on_before_optimizer_step`` is skipped with it
   only when ``Trainer(gradient_clip_val=...)`` is unset and neither ``configure_gradient_clipping`` nor
-  ``clip_gradients`` is overridden (Lightning's default then clips nothing);
+  ``clip_gradients`` is overridden (on the module, or on the precision plugin's class; Lightning's default then clips
+  nothing);
 * moving a segment (:meth:`StrategyPatch.to_device`): when the strategy's class keeps ``Strategy.batch_to_device`` and
   neither the module nor the datamodule overrides ``transfer_batch_to_device`` or ``on_after_batch_transfer`` (nor the
   module ``_apply_batch_transfer_handler``/``_call_batch_hook``), Lightning's default ``transfer_batch_to_device`` and
@@ -102,6 +103,7 @@ Anything overridden, by the user, a callback or the strategy, takes Lightning's 
 
 import importlib
 import logging
+from abc import ABC
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -421,6 +423,7 @@ class TrainingLoopPatch:
             and _is_default(module, "configure_gradient_clipping", defaults.module)
             and _is_default(module, "clip_gradients", defaults.module)
             and getattr(type(self._precision), "_clip_gradients", None) is defaults.precision._clip_gradients
+            and getattr(type(self._precision), "clip_gradients", None) is defaults.precision.clip_gradients
         )
         if no_clipping:  # the default clipping with no clip value clips nothing (`Precision.clip_gradients`)
             found.add("configure_gradient_clipping")
@@ -664,10 +667,21 @@ def set_log_weight(trainer: "pl.Trainer", weight: int | None) -> None:
         results.batch_size = weight
 
 
-def _leaves(batch: Any) -> list[Any]:
-    """Every object of a (nested) batch that is not a collection Lightning's ``apply_to_collection`` goes into."""
+class _Movable(ABC):  # noqa: B024  # a virtual base class: only its subclass hook matters
+    """What Lightning's default ``transfer_batch_to_device`` moves: any object with a ``to`` method.
+
+    As Lightning's own ``_TransferableDataType``; collections without a ``to`` method are gone into.
+    """
+
+    @classmethod
+    def __subclasshook__(cls, subclass: Any) -> Any:
+        return True if callable(getattr(subclass, "to", None)) else NotImplemented
+
+
+def _movable(batch: Any) -> list[Any]:
+    """Every object of a (nested) batch that Lightning's default transfer would call ``to`` on."""
     found: list[Any] = []
-    apply_to_collection(batch, object, found.append)
+    apply_to_collection(batch, _Movable, found.append)
     return found
 
 
@@ -742,8 +756,7 @@ class StrategyPatch:
         if module is None or not self._default_transfer(module):
             return True
         device = self._strategy.root_device
-        movable = [leaf for leaf in _leaves(batch) if callable(getattr(leaf, "to", None))]
-        return not all(isinstance(leaf, torch.Tensor) and leaf.device == device for leaf in movable)
+        return not all(isinstance(leaf, torch.Tensor) and leaf.device == device for leaf in _movable(batch))
 
     def _default_transfer(self, module: Any) -> bool:
         """Whether moving a segment would only dispatch Lightning's default transfer hooks."""

@@ -1,7 +1,8 @@
 """``TBPTTCallback``: train an unmodified ``LightningModule`` on long sequences, segment by segment.
 
 The callback is a shell: its arguments become :class:`~lightning_tbptt.config.Settings` at construction, and each
-hook delegates to the :class:`~lightning_tbptt.fit.Fit` created in ``setup`` and dropped in ``teardown``.
+hook delegates to the :class:`~lightning_tbptt.fit.Fit` created in ``setup`` and released in ``teardown`` (its
+record of where training stands stays, for a checkpoint saved after the fit).
 """
 
 from collections.abc import Sequence

@@ -1,6 +1,6 @@
 """One fit (or evaluation run) of a ``TBPTTCallback``: everything that lives from ``setup`` to ``teardown``.
 
-:class:`Fit` is created by the callback in ``setup`` and dropped in ``teardown``; the callback's hooks only delegate to
+:class:`Fit` is created by the callback in ``setup`` and released in ``teardown``; the callback's hooks only delegate to
 it. It owns the fit's settings (with the resolved segment length), the :class:`~lightning_tbptt.state.StateCarrier`,
 the training and evaluation :class:`~lightning_tbptt.streams.Stream`, the
 :class:`~lightning_tbptt.schedule.OptimizationSchedule`, the :class:`~lightning_tbptt.runner.SegmentRunner`, the
@@ -334,9 +334,9 @@ class Fit:
             ran = runner.train(plan, context.kwargs, stream, run_segment, total=total, decide=decide)
         finally:
             self.progress.done()
-            if runner.segments_run and not self._modules_checked:
-                self._modules_checked = True
-                self._warn_about_new_modules()
+        if runner.segments_run and not self._modules_checked:
+            self._modules_checked = True
+            self._warn_about_new_modules()
         if plan.steps >= 2 and not self._first_batch_checked:
             self._first_batch_checked = True
             self._warn_if_nothing_is_carried()

@@ -331,17 +331,6 @@ class StateCarrier:
         """The carried states of the training stream, by module name."""
         return self._stream_named("train").carried
 
-    def carried_in(self, stream: str) -> dict[str, Any]:
-        """The carried states of ``stream``, by module name (empty when it starts from zeros)."""
-        return self._stream_named(stream).carried
-
-    def restore(self, stream: str, carried: Mapping[str, Any]) -> None:
-        """Make ``carried`` (as returned by :meth:`carried_in`) the carried states of ``stream``."""
-        state = self._stream_named(stream)
-        state.clear()
-        state.carried.update(carried)
-        state.rows.update({name: (None, 0) for name in carried})
-
     def given_explicit_state(self) -> list[str]:
         """The modules whose first call in every segment so far was given a state explicitly (so nothing is carried).
 

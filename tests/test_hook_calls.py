@@ -441,3 +441,22 @@ def test_a_clip_value_keeps_the_clipping_hook_and_clips_alike(tmp_path, monkeypa
     assert results[True, None][1] == 0
     unclipped, clipped = results[True, None][0], results[True, 0.01][0]
     assert any(not torch.equal(a, b) for a, b in zip(unclipped, clipped, strict=True))
+
+
+def test_a_batch_is_left_where_it_is_only_when_everything_movable_is_on_the_device(monkeypatch):
+    """Per batch: the segments are moved unless every object with a `to` method is a tensor on the device already."""
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.strategy.connect(Base([]))
+    patch = _lightning_internals.StrategyPatch(trainer, lambda: True, None)
+    on_cpu, on_meta = torch.zeros(2, 3), torch.zeros(2, 3, device="meta")
+
+    class Movable:
+        def to(self, device: Any) -> "Movable":
+            return self
+
+    assert not patch.moves((on_cpu, {"y": [on_cpu]}, "label", 3))  # training on the CPU: nothing to move
+    assert patch.moves((on_cpu, {"y": [on_cpu, Movable()]}))  # Lightning would call its `to`
+    monkeypatch.setattr(SingleDeviceStrategy, "root_device", property(lambda self: torch.device("meta")))
+    assert patch.moves((on_cpu, {"y": on_cpu}))  # nested tensors on the host: moved
+    assert patch.moves({"x": [on_meta, on_cpu]})
+    assert not patch.moves({"x": [on_meta], "n": on_meta})
