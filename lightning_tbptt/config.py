@@ -257,6 +257,8 @@ class FitFacts:
     """The callback's class overrides ``split_batch``."""
     fetches_batches: bool = False
     """``training_step`` takes a ``dataloader_iter``."""
+    takes_hiddens: bool = False
+    """``training_step`` is passed Lightning 1.x's ``hiddens`` (:func:`~lightning_tbptt.compat.hiddens_signature`)."""
     hiddens_position: int | None = None
     """The position of the ``hiddens`` parameter of ``training_step``, or ``None``."""
     expected_hiddens_position: int = 2

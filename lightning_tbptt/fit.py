@@ -86,10 +86,11 @@ def gather_facts(
     )
     if stage != "fit":
         return facts
-    _, position, expected, signature = compat.hiddens_signature(module)
+    takes, position, expected, signature = compat.hiddens_signature(module)
     return replace(
         facts,
         fetches_batches=is_param_in_hook_signature(module.training_step, "dataloader_iter", explicit=True),
+        takes_hiddens=takes,
         hiddens_position=position,
         expected_hiddens_position=expected,
         step_signature=signature,
@@ -120,7 +121,7 @@ class Fit:
         self.settings: Settings = settings.for_fit(facts.segment_length)
         self.facts = facts
         self.training = stage == "fit"
-        self.takes_hiddens = self.training and compat.hiddens_signature(module)[0]
+        self.takes_hiddens = facts.takes_hiddens
         self.transfer = self._resolve_transfer()
         self.progress = SegmentProgress(trainer)
         self.streams = {TRAIN: Stream(TRAIN), EVAL: Stream(EVAL)}
@@ -443,7 +444,7 @@ class Fit:
         stream = self.streams[TRAIN]
         done = self.record.batches_done + 1 if batches_done is None else batches_done
         self.record = CheckpointRecord(
-            epoch=trainer.current_epoch if batches_done is None else self.record.epoch,
+            epoch=trainer.current_epoch,
             batches_done=done,
             mid_epoch=0 < done < trainer.num_training_batches,
             accumulated=self.schedule.accumulated,
@@ -605,8 +606,8 @@ class Fit:
         self.reset_stream(TRAIN)
         if self.settings.streaming:
             self._restore_stream(own)
-        # a checkpoint taken before the first resumed batch ends must hold all of this again
-        self.record = replace(self.record, epoch=own.epoch)
+        # a checkpoint taken before the first resumed batch ends must hold all of this again (the epoch resumed is the
+        # checkpoint's: `start_training` resumes only then)
         self.keep_record(own.gradients is not None, batches_done=own.batches_done)
 
     def _restore_stream(self, restored: CheckpointRecord) -> None:

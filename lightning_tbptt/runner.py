@@ -11,7 +11,7 @@ runner is tested with plain functions, and a new way to run segments is a new me
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,12 +32,7 @@ weight of the values it logs (its number of valid time steps)."""
 
 
 def _nothing(*args: Any) -> AbstractContextManager[None]:
-    return _no_context()
-
-
-@contextmanager
-def _no_context() -> Iterator[None]:
-    yield
+    return nullcontext()
 
 
 @dataclass(frozen=True)
@@ -184,7 +179,7 @@ class SegmentRunner:
         for planned in plan:
             segment_batch, info = operations.to_device(planned)
             operations.show(info.index, len(plan))
-            silenced = operations.silenced() if info.burn_in else _no_context()
+            silenced = operations.silenced() if info.burn_in else nullcontext()
             with self.running(info, stream), silenced, operations.weighted(info.num_valid):
                 outputs.append(step(segment_batch, *rest, **kwargs))
             segments.append(info)

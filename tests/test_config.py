@@ -120,7 +120,7 @@ def _settings(arguments: dict[str, Any]) -> Settings:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_each_refusal_raises_its_error_and_nothing_else_does(name):
+def test_each_refusal_raises_its_error_where_a_plain_callback_passes(name):
     arguments, facts, error, message = CASES[name]
     refusal = next(r for r in REFUSALS if r.name == name)
     with pytest.raises(error, match=message):

@@ -309,8 +309,8 @@ SKIPPED = (
 )
 
 
-def test_fast_paths_change_nothing_but_the_dispatch(tmp_path, monkeypatch):
-    """Nothing overridden: the same parameters and loop counters, and the default hooks were not dispatched."""
+def count_dispatch(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the module hooks Lightning dispatches from now on, in order."""
     dispatched: list[str] = []
     original = call._call_lightning_module_hook
 
@@ -319,6 +319,12 @@ def test_fast_paths_change_nothing_but_the_dispatch(tmp_path, monkeypatch):
         return original(trainer, hook_name, *args, **kwargs)
 
     monkeypatch.setattr(call, "_call_lightning_module_hook", counting)
+    return dispatched
+
+
+def test_fast_paths_change_nothing_but_the_dispatch(tmp_path, monkeypatch):
+    """Nothing overridden: the same parameters and loop counters, and the default hooks were not dispatched."""
+    dispatched = count_dispatch(monkeypatch)
     results = {}
     for fast in (True, False):
         monkeypatch.setattr(_lightning_internals, "FAST_PATHS", fast)
@@ -420,14 +426,7 @@ def test_a_datamodule_that_overrides_transfer_batch_to_device_moves_every_segmen
 def test_a_clip_value_keeps_the_clipping_hook_and_clips_alike(tmp_path, monkeypatch):
     """With `gradient_clip_val` set, the clipping after `on_before_optimizer_step` runs: fast paths or not, and
     the result is the clipped one (not that of a fit without clipping)."""
-    dispatched: list[str] = []
-    original = call._call_lightning_module_hook
-
-    def counting(trainer: Any, hook_name: str, *args: Any, **kwargs: Any) -> Any:
-        dispatched.append(hook_name)
-        return original(trainer, hook_name, *args, **kwargs)
-
-    monkeypatch.setattr(call, "_call_lightning_module_hook", counting)
+    dispatched = count_dispatch(monkeypatch)
     results = {}
     for fast, clip in ((True, 0.01), (False, 0.01), (True, None)):
         monkeypatch.setattr(_lightning_internals, "FAST_PATHS", fast)
