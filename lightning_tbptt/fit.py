@@ -131,6 +131,8 @@ class Fit:
         self.restored: CheckpointRecord | None = None
         """A record loaded from a checkpoint, until the training starts from it."""
         self.resumed_epoch: int | None = None
+        self.resumed_from: CheckpointRecord | None = None
+        """The record this fit resumed from (for :meth:`resume_batch`), once training started."""
         self._carrier: StateCarrier | None = None
         self._runner: SegmentRunner | None = None
         self._first_batch_checked = False
@@ -497,8 +499,8 @@ class Fit:
     # ----------------------------------------------------------------------------------------------------------------
 
     def resume_batch(self) -> int:
-        """See :attr:`TBPTTCallback.resume_batch`."""
-        restored = self.restored
+        """See :attr:`TBPTTCallback.resume_batch`: from the checkpoint's record, loaded or being resumed."""
+        restored = self.restored if self.restored is not None else self.resumed_from
         if restored is None or restored.epoch != self.trainer.current_epoch:
             return 0  # Lightning counts the checkpoint's epoch as finished (e.g. after stopping at `max_steps`)
         if restored.mid_epoch:
@@ -510,6 +512,7 @@ class Fit:
         """After the checkpoint is restored and before the first batch: resume from its record, or check it."""
         trainer = self.trainer
         restored, self.restored = self.restored, None
+        self.resumed_from = restored  # the loader is iterated after this hook: `resume_batch` still reads it
         self.resumed_epoch = None
         if restored is None:
             if trainer.ckpt_path is not None:

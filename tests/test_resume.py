@@ -363,3 +363,58 @@ def test_the_data_module_resumes_its_stream_without_the_callbacks_resume_batch(t
     trainer = make_trainer(tmp_path, [HidesResumeBatch(SEGMENT, streaming=True, resets="starts")], max_epochs=2)
     trainer.fit(resumed, datamodule=stream_data(), ckpt_path=checkpoint(directory, name))
     assert parameters_equal(resumed, model, rtol=0, atol=1e-12)
+
+
+def test_resume_batch_reads_the_same_throughout_the_resumed_epoch(tmp_path):
+    # the documented recipe for a plain DataLoader: its sampler skips the batches the checkpoint had trained; other
+    # callbacks may read the value too, in hooks that run after the TBPTTCallback's `on_train_start`
+    from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+    from tests.helpers import SequenceRegressor, make_data
+
+    class Skipping(Sampler[list[int]]):
+        def __init__(self, callback: TBPTTCallback) -> None:
+            self.callback, self.seen = callback, []
+
+        def __len__(self) -> int:
+            return 3
+
+        def __iter__(self) -> Any:
+            skip = self.callback.resume_batch
+            self.seen.append(skip)
+            return iter([list(range(4 * b, 4 * b + 4)) for b in range(skip, 3)])
+
+    class SavesAfterFirstBatch(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 5:  # 5 segments of 5 steps in a batch of 23
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    def loader(callback: TBPTTCallback) -> tuple[DataLoader[Any], Skipping]:
+        sampler = Skipping(callback)
+        return DataLoader(TensorDataset(*make_data()), batch_sampler=sampler), sampler
+
+    first = TBPTTCallback(5)
+    data, _ = loader(first)
+    make_trainer(tmp_path, [first, SavesAfterFirstBatch()]).fit(SequenceRegressor(log=False).double(), data)
+
+    class Reads(pl.Callback):  # after the TBPTTCallback in the list: its hooks run later
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, int]] = []
+
+        def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            self.seen.append(("train start", resumed.resume_batch))
+
+        def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+            self.seen.append((f"epoch {trainer.current_epoch}", resumed.resume_batch))
+
+    resumed, reads = TBPTTCallback(5), Reads()
+    data, sampler = loader(resumed)
+    trainer = make_trainer(tmp_path, [resumed, reads], max_epochs=2)
+    trainer.fit(SequenceRegressor(log=False).double(), data, ckpt_path=tmp_path / "mid.ckpt")
+    assert sampler.seen == [1, 0]  # the resumed epoch skips the batch trained before the checkpoint; the next none
+    # the same value wherever it is read during the resumed epoch (whatever the order of hooks), 0 afterwards
+    epoch_starts = [entry for entry in reads.seen if entry[0] != "train start"]
+    assert reads.seen[0] == ("train start", 1)
+    assert epoch_starts[-1] == ("epoch 1", 0)
+    assert all(value == 1 for name, value in epoch_starts if name == "epoch 0")
+    assert trainer.global_step == 5 + 2 * 5 + 3 * 5  # the checkpoint's batch, the rest of its epoch, one more epoch
