@@ -59,7 +59,9 @@ Instance attributes of the ``LightningModule``, shadowed while one segment runs 
 
 * ``log`` and ``log_dict`` — do nothing while a burn-in segment runs (:func:`silenced_logging`);
 * ``training_step`` — replaced by a zero loss while a process takes part in an optimizer step for which it has no
-  segment (DDP with batches of different lengths, :func:`shadowed_training_step`).
+  segment (DDP with batches of different lengths, :func:`shadowed_training_step`), and wrapped while a segment is
+  recomputed with ``exact=True``, so that its loss is joined to the gradient of the segments after it
+  (:func:`returned_through`).
 
 And one public global of ``lightning_utilities``, for the duration of a fit: ``rank_zero.log`` and
 ``rank_zero.rank_zero_deprecation_category``, which the namespace imported last points at itself, point at the fit's
@@ -654,10 +656,19 @@ def batches_done_in_epoch(trainer: "pl.Trainer") -> int:
     return batches_started_in_epoch(trainer)
 
 
-def call_training_step(trainer: "pl.Trainer", kwargs: "OrderedDict[str, Any]") -> Any:
-    """Call ``training_step`` with ``kwargs`` as Lightning's closure does, but outside any optimisation."""
+def call_training_step(trainer: "pl.Trainer", kwargs: "OrderedDict[str, Any]", *, logged: bool = False) -> Any:
+    """Call ``training_step`` with ``kwargs`` as Lightning's closure does, but outside any optimisation.
+
+    ``logged``: its ``self.log`` values are kept, like a segment's (so the first batch of an epoch stops clearing them
+    afterwards, see ``_first_loop_iter`` above).
+    """
     call = importlib.import_module(f"{namespace_of(trainer).__name__}.trainer.call")
-    return call._call_strategy_hook(trainer, "training_step", *kwargs.values())
+    output = call._call_strategy_hook(trainer, "training_step", *kwargs.values())
+    if logged:
+        connector = trainer._logger_connector
+        if connector._first_loop_iter is True:
+            connector._first_loop_iter = False
+    return output
 
 
 def set_log_weight(trainer: "pl.Trainer", weight: int | None) -> None:
@@ -843,6 +854,16 @@ def silenced_logging(module: Any) -> Any:
 def shadowed_training_step(module: Any, step: Callable[..., Any]) -> Any:
     """While active, ``module.training_step`` is ``step`` (shadowed on the instance, restored afterwards)."""
     return _shadowed(module, {"training_step": step})
+
+
+def returned_through(module: Any, change: Callable[[Any], Any]) -> Any:
+    """While active, what ``module.training_step`` returns passes through ``change`` (shadowed, then restored)."""
+    original = module.training_step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        return change(original(*args, **kwargs))
+
+    return shadowed_training_step(module, step)
 
 
 class RankZeroLogging:

@@ -39,10 +39,16 @@ class TBPTTCallback(CallbackBase):
             (Lightning 1.x style).
         time_dim: The time dimension of sequence tensors: 1 for batch-first ``(B, T, ...)``, 0 for ``(T, B, ...)``.
             Which tensors count as sequences is documented in :mod:`lightning_tbptt.split`.
-        step_per: ``"segment"`` (default): an optimizer step after every segment (classic TBPTT).
-            ``"batch"``: the gradients of all segments of a batch are accumulated into one step per batch.
-            ``Trainer(accumulate_grad_batches=N)`` then counts segments or batches respectively
-            (see :mod:`lightning_tbptt.schedule`).
+        step_per: ``"segment"`` (the default, unless ``exact``): an optimizer step after every segment (classic
+            TBPTT). ``"batch"`` (the default with ``exact``): the gradients of all segments of a batch are accumulated
+            into one step per batch. ``Trainer(accumulate_grad_batches=N)`` then counts segments or batches
+            respectively (see :mod:`lightning_tbptt.schedule`).
+        exact: One optimizer step per batch with the exact gradient of the summed segment losses backpropagated
+            through the whole batch (no truncation), at the memory of one segment plus the state at each segment
+            boundary: every segment runs forward without gradient first, then again with gradient, last to first,
+            with the random numbers of its first run (see :mod:`lightning_tbptt.exact`). Costs about one extra
+            forward per segment. Refused with ``stride``, ``burn_in``, ``step_per="segment"``, manual optimization and
+            Lightning 1.x ``hiddens``.
         recurrent_modules: Names (as in ``model.named_modules()``) of custom recurrent modules whose state is
             carried too; they must follow ``forward(input, state=None) -> (output, new_state)``.
         exclude_modules: Names of modules whose state must not be carried (they start from zeros in every segment).
@@ -117,7 +123,8 @@ class TBPTTCallback(CallbackBase):
         segment_length: int | None = None,
         *,
         time_dim: int = 1,
-        step_per: StepPer = "segment",
+        step_per: StepPer | None = None,
+        exact: bool = False,
         recurrent_modules: Sequence[str] = (),
         exclude_modules: Sequence[str] = (),
         lengths: FieldSpec | None = None,
@@ -136,6 +143,7 @@ class TBPTTCallback(CallbackBase):
             segment_length,
             time_dim=time_dim,
             step_per=step_per,
+            exact=exact,
             recurrent_modules=recurrent_modules,
             exclude_modules=exclude_modules,
             lengths=lengths,
@@ -163,6 +171,7 @@ class TBPTTCallback(CallbackBase):
     time_dim = property(lambda self: self.settings.layout.time_dim)
     drop_finished = property(lambda self: self.settings.layout.drop_finished)
     step_per = property(lambda self: self.settings.step_per)
+    exact = property(lambda self: self.settings.exact)
     streaming = property(lambda self: self.settings.streaming)
     evaluate = property(lambda self: self.settings.evaluate)
     transfer = property(lambda self: self.settings.transfer)
@@ -174,7 +183,7 @@ class TBPTTCallback(CallbackBase):
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(segment_length={self.segment_length}, time_dim={self.time_dim},"
-            f" step_per={self.step_per!r})"
+            f" step_per={self.step_per!r}" + (", exact=True)" if self.exact else ")")
         )
 
     def split_batch(self, batch: Any, segment_length: int) -> Sequence[Any]:

@@ -98,6 +98,7 @@ class Settings:
     geometry: Geometry
     layout: BatchLayout
     step_per: StepPer = "segment"
+    exact: bool = False
     streaming: bool = False
     evaluate: bool = True
     transfer: Transfer | None = None
@@ -112,7 +113,8 @@ class Settings:
         segment_length: int | None = None,
         *,
         time_dim: int = 1,
-        step_per: StepPer = "segment",
+        step_per: StepPer | None = None,
+        exact: bool = False,
         recurrent_modules: Sequence[str] = (),
         exclude_modules: Sequence[str] = (),
         lengths: FieldSpec | None = None,
@@ -155,6 +157,9 @@ class Settings:
             "time_dim",
             "Pass 1 for batch-first sequences `(B, T, ...)` or 0 for time-first sequences `(T, B, ...)`.",
         )
+        exact = _check_bool(exact, "exact")
+        if step_per is None:
+            step_per = "batch" if exact else "segment"
         _check_choice(
             step_per,
             "step_per",
@@ -193,6 +198,7 @@ class Settings:
                 drop,
             ),
             step_per=step_per,
+            exact=exact,
             streaming=_check_bool(streaming, "streaming"),
             evaluate=_check_bool(evaluate, "evaluate"),
             transfer=transfer,
@@ -232,6 +238,7 @@ class Settings:
             "stride": geometry.effective_stride,
             "burn_in": geometry.burn_in,
             "step_per": self.step_per,
+            "exact": self.exact,
             "time_dim": self.layout.time_dim,
             "loss_on": geometry.loss_on,
         }
@@ -317,6 +324,24 @@ def _with_hiddens(argument: str) -> Refusal:
     )
 
 
+def _with_exact(argument: str) -> Refusal:
+    return Refusal(
+        f"exact with {argument}",
+        "init",
+        lambda s, f: s.exact and s.as_set(argument) is not None,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(exact=True)` cannot be combined with `{argument}={s.as_set(argument)!r}`: "
+            + (
+                "overlapping windows are a truncation scheme (each window restarts from a state with no gradient"
+                " path), and `exact` backpropagates through the whole batch."
+                if argument == "stride"
+                else "burn-in steps run without gradient, and `exact` backpropagates through every step of the batch."
+            )
+            + f" Drop `{argument}`, or use `exact=False`."
+        ),
+    )
+
+
 REFUSALS: tuple[Refusal, ...] = (
     Refusal(
         "stride beyond segment_length",
@@ -349,6 +374,28 @@ REFUSALS: tuple[Refusal, ...] = (
             "`TBPTTCallback(drop_finished=True)` cannot be combined with `streaming=True`: a dropped row's lane"
             " would have no state in the next batch. Use `drop_finished=False`; mark where a lane's next sequence"
             " starts with `resets`."
+        ),
+    ),
+    Refusal(
+        "exact with step_per='segment'",
+        "init",
+        lambda s, f: s.exact and s.step_per == "segment",
+        lambda s, f: ConfigurationError(
+            "`TBPTTCallback(exact=True)` takes one optimizer step per batch, after the gradient through the whole"
+            " batch is complete, but got `step_per='segment'`, a step after every segment. Leave `step_per` unset"
+            " (or pass `step_per='batch'`), or use `exact=False` for truncated TBPTT."
+        ),
+    ),
+    *(_with_exact(argument) for argument in ("stride", "burn_in")),
+    Refusal(
+        "exact with nonfinite_state='reset'",
+        "init",
+        lambda s, f: s.exact and s.nonfinite_state == "reset",
+        lambda s, f: ConfigurationError(
+            "`TBPTTCallback(exact=True)` cannot be combined with `nonfinite_state='reset'`: a row whose state is not"
+            " finite has a non-finite loss, and the exact gradient of the batch backpropagates it through every"
+            " segment, so resetting the state would not keep the step finite. Use `nonfinite_state='keep'` (and"
+            " e.g. gradient clipping, or a smaller learning rate), or `exact=False`."
         ),
     ),
     Refusal(
@@ -404,6 +451,27 @@ REFUSALS: tuple[Refusal, ...] = (
         ),
     ),
     *(_with_hiddens(argument) for argument in ("drop_finished", "streaming", "resets", "stride", "burn_in")),
+    Refusal(
+        "exact with hiddens",
+        "training",
+        lambda s, f: s.exact and f.hiddens_position is not None,
+        lambda s, f: ConfigurationError(
+            "`TBPTTCallback(exact=True)` cannot work with Lightning 1.x `hiddens`: the state a segment starts from"
+            " must be a leaf the callback makes and joins back to the segment before, and `hiddens` are threaded by"
+            f" `{f.module}.training_step` itself, in a layout the callback does not know. Let the callback carry the"
+            " state (drop the `hiddens` argument of `training_step`), or use `exact=False`."
+        ),
+    ),
+    Refusal(
+        "exact with manual optimization",
+        "training",
+        lambda s, f: s.exact and not f.automatic,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(exact=True)` cannot work with manual optimization: it runs every segment twice, the"
+            f" second time through Lightning's automatic optimization, and `{f.module}.training_step` makes its own"
+            " backward and optimizer steps. Use automatic optimization, or `exact=False`."
+        ),
+    ),
     Refusal(
         "burn_in with manual optimization",
         "training",

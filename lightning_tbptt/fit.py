@@ -10,7 +10,8 @@ how segments run is in the runner.
 """
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -36,6 +37,7 @@ from lightning_tbptt._lightning_internals import (
     call_training_step,
     complete_batch_saved_at_batch_end,
     resume_reruns_last_batch,
+    returned_through,
     silenced_logging,
     weighted_logging,
 )
@@ -43,6 +45,7 @@ from lightning_tbptt.checkpoint import CheckpointRecord, check_carried
 from lightning_tbptt.config import FitFacts, Settings, Transfer, refuse
 from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
+from lightning_tbptt.exact import cuda_devices, frozen_metrics
 from lightning_tbptt.namespaces import is_overridden
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.progress import SegmentProgress
@@ -196,11 +199,22 @@ class Fit:
                     weighted=lambda weight: weighted_logging(self.trainer, weight),
                     stopped=lambda: 0 <= self.trainer.max_steps <= self.trainer.global_step,
                     show=self.progress.show,
+                    step_logged=lambda kwargs: call_training_step(self.trainer, kwargs, logged=True),
+                    recomputing=self._recomputing,
+                    returning=lambda change: returned_through(self.trainer.lightning_module, change),
+                    random_devices=lambda: cuda_devices(self.trainer.lightning_module),
                 ),
                 time_dim=self.settings.layout.time_dim,
                 takes_hiddens=self.takes_hiddens,
             )
         return self._runner
+
+    @contextmanager
+    def _recomputing(self) -> Iterator[None]:
+        """While ``exact=True`` recomputes a batch: nothing logged, and every metric left as the first pass left it."""
+        module = self.trainer.lightning_module
+        with silenced_logging(module), frozen_metrics(module):
+            yield
 
     @property
     def carrier(self) -> StateCarrier:
@@ -334,7 +348,9 @@ class Fit:
 
         runner = self.runner
         try:
-            ran = runner.train(plan, context.kwargs, stream, run_segment, total=total, decide=decide)
+            exact = self.settings.exact and context.automatic and not context.skip_backward
+            run = runner.train_exact if exact else runner.train
+            ran = run(plan, context.kwargs, stream, run_segment, total=total, decide=decide)
         finally:
             self.progress.done()
         if runner.segments_run and not self._modules_checked:

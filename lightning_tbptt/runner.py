@@ -12,13 +12,14 @@ runner is tested with plain functions, and a new way to run segments is a new me
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_tbptt.compat import returned_hiddens
+from lightning_tbptt.exact import Boundary, Link, RandomState, joined_output, replayed, tensors_of
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan
 from lightning_tbptt.schedule import Decision
@@ -53,6 +54,14 @@ class Operations:
     """Whether training must stop now (``max_steps`` reached)."""
     show: Callable[[int, int], None] = lambda index, count: None
     """Shows segment ``index`` of ``count`` (a progress bar)."""
+    step_logged: Callable[["OrderedDict[str, Any]"], Any] = lambda kwargs: None
+    """Calls ``training_step`` outside any optimisation, its ``self.log`` values kept (the first pass of ``exact``)."""
+    recomputing: Callable[[], AbstractContextManager[None]] = _nothing
+    """While active, ``self.log`` does nothing and the module's metrics are restored afterwards (the recomputation)."""
+    returning: Callable[[Callable[[Any], Any]], AbstractContextManager[None]] = _nothing
+    """While active, what ``training_step`` returns passes through the given function before Lightning sees it."""
+    random_devices: Callable[[], list[int]] = lambda: []
+    """The CUDA devices whose random number generators the model draws from (besides the CPU's)."""
 
 
 @dataclass
@@ -120,7 +129,6 @@ class SegmentRunner:
         operations = self.operations
         total = plan.steps if total is None else total
         plan.agree(total)
-        count = total + plan.burn_in_segments
         hiddens = None
         output: dict[str, Any] = {}
         decision = None
@@ -145,8 +153,24 @@ class SegmentRunner:
             stopped = operations.stopped()
             if stopped:
                 break
-        # Other processes have more segments in this batch: take part in each of their steps with zero gradients.
-        while not stopped and index < total - 1:
+        if not stopped:
+            index, decision = self._idle(plan, kwargs, run_segment, index, total, decide, decision)
+        return TrainedBatch(output, index, decision)
+
+    def _idle(
+        self,
+        plan: SegmentPlan,
+        kwargs: "OrderedDict[str, Any]",
+        run_segment: RunSegment,
+        index: int,
+        total: int,
+        decide: Callable[[int], Decision | None],
+        decision: Decision | None,
+    ) -> tuple[int, Decision | None]:
+        """Other processes have more segments in this batch: take part in each of their steps with zero gradients."""
+        operations = self.operations
+        count = total + plan.burn_in_segments
+        while index < total - 1:
             index += 1
             decision = decide(index)
             segment_kwargs = OrderedDict(kwargs)
@@ -155,8 +179,110 @@ class SegmentRunner:
             idle = Segment(index + plan.burn_in_segments, count, None, 0, self.time_dim, num_valid=0)
             with operations.idle(), running(idle):
                 run_segment(segment_kwargs, decision, 0)
-            stopped = operations.stopped()
+            if operations.stopped():
+                break
+        return index, decision
+
+    def train_exact(
+        self,
+        plan: SegmentPlan,
+        kwargs: "OrderedDict[str, Any]",
+        stream: Stream,
+        run_segment: RunSegment,
+        *,
+        total: int | None = None,
+        decide: Callable[[int], Decision | None] = lambda index: None,
+    ) -> TrainedBatch:
+        """Run a training batch for the exact gradient of its summed segment losses (see :mod:`lightning_tbptt.exact`).
+
+        The first pass runs every segment without gradient (its logged values count), keeping each boundary state;
+        the recomputation runs them again through ``run_segment``, last to first, each joined to the gradient flowing
+        back from the segments after it; then idle steps up to ``total``. The decisions are taken in the order the
+        steps run, so with ``step_per="batch"`` only the last recomputed segment (the batch's first) steps. The
+        carried state after the batch, and the random number generators, are as the first pass left them.
+        """
+        operations = self.operations
+        total = plan.steps if total is None else total
+        plan.agree(total)
+        devices = operations.random_devices()
+        planned = list(plan)
+        boundaries = self._first_pass(planned, kwargs, stream, total, devices)
+        after = Boundary(stream.state.carried, stream.state.rows)
+        output: dict[str, Any] = {}
+        decision = None
+        link = Link()
+        try:
+            with replayed(devices), operations.recomputing():
+                for index, position in enumerate(reversed(range(len(planned)))):
+                    decision = decide(index)
+                    segment_output, link = self._recompute(
+                        planned[position], boundaries[position], link, kwargs, stream, run_segment, decision, total
+                    )
+                    output = output or segment_output  # the output of the batch's last segment
+        finally:
+            after.install(stream.state)
+        index, decision = self._idle(plan, kwargs, run_segment, len(planned) - 1, total, decide, decision)
         return TrainedBatch(output, index, decision)
+
+    def _first_pass(
+        self,
+        planned: list[PlannedSegment],
+        kwargs: "OrderedDict[str, Any]",
+        stream: Stream,
+        total: int,
+        devices: list[int],
+    ) -> list[Boundary]:
+        """Run every segment without gradient, its logged values counted; return the boundary before each."""
+        operations = self.operations
+        state = stream.state
+        boundaries: list[Boundary] = []
+        for segment in planned:
+            boundaries.append(Boundary(state.carried, state.rows, RandomState.capture(devices)))
+            segment_kwargs = OrderedDict(kwargs)
+            segment_kwargs["batch"], info = operations.to_device(segment)
+            operations.show(info.index, total)
+            with torch.no_grad(), self.running(info, stream), operations.weighted(info.num_valid):
+                operations.step_logged(segment_kwargs)
+        return boundaries
+
+    def _recompute(
+        self,
+        segment: PlannedSegment,
+        boundary: Boundary,
+        link: Link,
+        kwargs: "OrderedDict[str, Any]",
+        stream: Stream,
+        run_segment: RunSegment,
+        decision: Decision | None,
+        total: int,
+    ) -> tuple[dict[str, Any], Link]:
+        """Run one segment again with gradient, from its boundary; return its output and the link to the one before."""
+        first = segment.info.index == 0
+        leaves = dict(boundary.carried) if first else boundary.leaves()  # no gradient goes back beyond the batch
+        boundary.install(stream.state, leaves)
+        if boundary.random is not None:
+            boundary.random.restore()
+        segment_kwargs = OrderedDict(kwargs)
+        segment_kwargs["batch"], info = self.operations.to_device(segment)
+        info = replace(info, recomputing=True)
+        self.operations.show(info.index, total)
+        called: set[str] = set()
+
+        def join(loss: Tensor) -> Tensor:
+            ends = self.carrier.returned_states()
+            called.update(ends)
+            return link.join(loss, ends)
+
+        with (
+            self.running(info, stream),
+            self.operations.returning(lambda returned: joined_output(returned, join, info.index)),
+        ):
+            output = run_segment(segment_kwargs, decision, info.num_valid)
+        self.segments_run += 1
+        if first:
+            return output, Link()
+        grads = [leaf.grad if leaf.requires_grad else None for leaf in tensors_of(leaves)]
+        return output, link.into_previous(leaves, grads, passed=[name for name in leaves if name not in called])
 
     def _burn_in(self, planned: PlannedSegment, kwargs: "OrderedDict[str, Any]", stream: Stream) -> None:
         """Run ``training_step`` on a burn-in prefix without gradient or optimizer step: only its state counts."""

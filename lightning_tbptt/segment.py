@@ -69,6 +69,11 @@ class Segment:
     burn_in: bool = False
     """Whether the segment is a burn-in prefix: run without gradient, only to refresh the recurrent state; no time
     step of it counts (:attr:`mask` and :attr:`loss_mask` are all ``False``)."""
+    recomputing: bool = False
+    """With ``TBPTTCallback(exact=True)``, whether this is the segment's second run: the *first pass* runs every
+    segment of the batch without gradient (``False``; its ``self.log`` values are the ones logged), the
+    *recomputation* runs them again with gradient, last to first (``True``; ``self.log`` does nothing, metrics are
+    restored afterwards). Always ``False`` otherwise."""
 
     def __post_init__(self) -> None:
         if self.lengths is not None:

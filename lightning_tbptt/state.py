@@ -339,6 +339,13 @@ class StateCarrier:
         """
         return [name for name, fed in self._fed_carried.items() if not fed]
 
+    def returned_states(self) -> dict[str, Any]:
+        """The states the modules returned so far in the running segment (with their graph), by module name.
+
+        After the segment these become the carried states, detached; ``exact=True`` joins them to the segment's loss.
+        """
+        return dict(self._pending)
+
     def take_nonfinite(self) -> list[tuple[Tensor, Tensor | None]]:
         """The rows reset because their state was not finite, since the last call (with ``reset_nonfinite``).
 

@@ -24,6 +24,42 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = 
         ConfigurationError,
         r"drop_finished=True\)` cannot be combined with `streaming=True`",
     ),
+    "exact with step_per='segment'": (
+        {"exact": True, "step_per": "segment"},
+        {},
+        ConfigurationError,
+        r"exact=True\)` takes one optimizer step per batch.*but got `step_per='segment'`",
+    ),
+    "exact with stride": (
+        {"exact": True, "stride": 4},
+        {},
+        ConfigurationError,
+        r"exact=True\)` cannot be combined with `stride=4`: overlapping windows are a truncation scheme",
+    ),
+    "exact with burn_in": (
+        {"exact": True, "burn_in": 3},
+        {},
+        ConfigurationError,
+        r"exact=True\)` cannot be combined with `burn_in=3`: burn-in steps run without gradient",
+    ),
+    "exact with nonfinite_state='reset'": (
+        {"exact": True, "nonfinite_state": "reset"},
+        {},
+        ConfigurationError,
+        r"exact=True\)` cannot be combined with `nonfinite_state='reset'`",
+    ),
+    "exact with hiddens": (
+        {"exact": True},
+        {"hiddens_position": 2, "module": "Net"},
+        ConfigurationError,
+        r"exact=True\)` cannot work with Lightning 1.x `hiddens`.*`Net.training_step`",
+    ),
+    "exact with manual optimization": (
+        {"exact": True},
+        {"automatic": False, "module": "Net"},
+        ConfigurationError,
+        r"exact=True\)` cannot work with manual optimization.*`Net.training_step` makes its own backward",
+    ),
     "several callbacks": ({}, {"callbacks": 2}, ConfigurationError, r"one `TBPTTCallback` .* but got 2"),
     "stride beyond the module's segment length": (
         {"segment_length": None, "stride": 8},
@@ -155,6 +191,7 @@ INVALID = [
     ({"drop_finished": 1}, r"`drop_finished` to be a bool but got 1"),
     ({"streaming": "yes"}, r"`streaming` to be a bool but got 'yes'"),
     ({"evaluate": None}, r"`evaluate` to be a bool but got None"),
+    ({"exact": "yes"}, r"`exact` to be a bool but got 'yes'"),
     ({"lengths": 1.5}, r"`lengths`"),
     ({"resets": 1.5}, r"`resets`"),
 ]
@@ -178,7 +215,12 @@ def test_the_callback_reads_its_settings_and_does_not_let_them_change():
         "stride": 4,
         "burn_in": 2,
         "step_per": "batch",
+        "exact": False,
         "time_dim": 1,
         "loss_on": "new",
     }
     assert re.fullmatch(r"TBPTTCallback\(segment_length=8, time_dim=1, step_per='batch'\)", repr(callback))
+    exact = TBPTTCallback(8, exact=True)
+    assert (exact.exact, exact.step_per, callback.exact) == (True, "batch", False)
+    assert repr(exact) == "TBPTTCallback(segment_length=8, time_dim=1, step_per='batch', exact=True)"
+    assert TBPTTCallback(8, exact=True, step_per="batch").step_per == "batch"
