@@ -201,8 +201,8 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = Manual().double() if step_per == "manual" else Model().double()
     windows = {"stride": 2, "burn_in": 1} if scenario == "windows" else {}
-    step_per = "segment" if step_per == "manual" else step_per
-    callback = TBPTTCallback(SEGMENT, step_per=step_per, lengths=2, **windows)
+    exact = {"exact": True} if step_per == "exact" else {"step_per": "segment" if step_per == "manual" else step_per}
+    callback = TBPTTCallback(SEGMENT, lengths=2, **windows, **exact)
     options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
     if scenario == "unused":
         options["accumulate_grad_batches"] = 2
