@@ -71,6 +71,36 @@ def _leaf(tensor: Tensor) -> Tensor:
     return leaf.requires_grad_() if leaf.is_floating_point() or leaf.is_complex() else leaf
 
 
+class BoundaryStore:
+    """Keeps the state at every boundary of a batch in preallocated tensors, one per state tensor and kind.
+
+    Thousands of small tensors allocated one per segment, between the segment's large temporary buffers, would pin
+    those buffers' memory in the host allocator's heap (measured: the resident memory then grows with the sequence,
+    though only the small tensors stay alive); one allocation per batch does not. A tensor of another shape than the
+    first one kept in its place (rows dropped with ``drop_finished``) is copied on its own.
+    """
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._slots: dict[tuple[int, tuple[int, ...], torch.dtype, torch.device], Tensor] = {}
+
+    def keep(self, tensor: Tensor, position: int, place: int) -> Tensor:
+        """A copy of ``tensor``, the ``place``-th tensor kept at boundary ``position``."""
+        key = (place, tuple(tensor.shape), tensor.dtype, tensor.device)
+        slots = self._slots.get(key)
+        if slots is None:
+            slots = self._slots[key] = tensor.new_empty((self.count, *tensor.shape))
+        return slots[position].copy_(tensor)
+
+    def keep_state(self, carried: Mapping[str, Any], position: int) -> dict[str, Any]:
+        """A copy of every tensor of the carried states ``carried``, kept at boundary ``position``."""
+        place = iter(range(10**9))
+        return {
+            name: apply_to_collection(carried[name], Tensor, lambda t: self.keep(t.detach(), position, next(place)))
+            for name in sorted(carried)
+        }
+
+
 @dataclass
 class Boundary:
     """The carried state at the start of one segment (as the first pass left it), and what the recomputation needs."""
@@ -184,15 +214,19 @@ class RandomState:
     cuda: list[Tensor] = field(default_factory=list)
 
     @classmethod
-    def capture(cls, devices: list[int]) -> "RandomState":
-        """The generators' state now."""
-        return cls(torch.get_rng_state(), devices, [torch.cuda.get_rng_state(d) for d in devices])
+    def capture(cls, devices: list[int], store: BoundaryStore | None = None, position: int = 0) -> "RandomState":
+        """The generators' state now (kept in ``store`` at boundary ``position``, if given)."""
+        states = [torch.get_rng_state(), *(torch.cuda.get_rng_state(d) for d in devices)]
+        if store is not None:
+            states = [store.keep(state, position, -1 - place) for place, state in enumerate(states)]
+        return cls(states[0], devices, states[1:])
 
     def restore(self) -> None:
         """Set the generators back to this state."""
-        torch.set_rng_state(self.cpu)
+        # (from a copy: `torch.set_rng_state` crashes on a view that starts inside its storage, as kept states are)
+        torch.set_rng_state(self.cpu.clone())
         for device, state in zip(self.devices, self.cuda, strict=True):
-            torch.cuda.set_rng_state(state, device)
+            torch.cuda.set_rng_state(state.clone(), device)
 
 
 def cuda_devices(module: nn.Module) -> list[int]:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from lightning_tbptt.compat import returned_hiddens
-from lightning_tbptt.exact import Boundary, Link, RandomState, joined_output, replayed, tensors_of
+from lightning_tbptt.exact import Boundary, BoundaryStore, Link, RandomState, joined_output, replayed, tensors_of
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan
 from lightning_tbptt.schedule import Decision
@@ -236,8 +236,10 @@ class SegmentRunner:
         operations = self.operations
         state = stream.state
         boundaries: list[Boundary] = []
-        for segment in planned:
-            boundaries.append(Boundary(state.carried, state.rows, RandomState.capture(devices)))
+        store = BoundaryStore(len(planned))
+        for position, segment in enumerate(planned):
+            random = RandomState.capture(devices, store, position)
+            boundaries.append(Boundary(store.keep_state(state.carried, position), state.rows, random))
             segment_kwargs = OrderedDict(kwargs)
             segment_kwargs["batch"], info = operations.to_device(segment)
             operations.show(info.index, total)

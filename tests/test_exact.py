@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
-from lightning_tbptt import BatchError, ConfigurationError, TBPTTCallback, current_segment, masked_mean
+from lightning_tbptt import BatchError, ConfigurationError, TBPTTCallback, current_segment
 from lightning_tbptt.state import detach_state
 from tests.helpers import (
     LENGTHS,
@@ -25,7 +25,8 @@ from tests.helpers import (
     twin,
 )
 from tests.test_distributed import LAYOUT, SEGMENT, WORLD, masks, rank_batches, run_ddp
-from tests.test_streaming import BATCHES, LANES, SEGMENT as LANE_SEGMENT, LaneRegressor, lane_batches
+from tests.test_streaming import BATCHES, LANES, LaneRegressor, lane_batches
+from tests.test_streaming import SEGMENT as LANE_SEGMENT
 from tests.test_variable_length import MaskedRegressor
 
 ARCHITECTURES = {
@@ -227,7 +228,8 @@ class Recording(Regressor):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         segment = current_segment()
         loss = super().training_step(batch, batch_idx)
-        self.calls.append((batch_idx, segment.index, segment.recomputing, torch.is_grad_enabled(), float(loss)))
+        grad = torch.is_grad_enabled()
+        self.calls.append((batch_idx, segment.index, segment.recomputing, grad, float(loss.detach())))
         self.metric.update(loss)
         self.log("train_loss", loss, on_step=True, on_epoch=True)
         self.log("metric", self.metric, on_step=False, on_epoch=True)

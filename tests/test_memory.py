@@ -87,7 +87,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_tbptt import TBPTTCallback
 from tests.helpers import SequenceRegressor
 
-length, use_callback = int(sys.argv[1]), sys.argv[2] == "tbptt"
+length, mode = int(sys.argv[1]), sys.argv[2]
+callbacks = {"tbptt": [TBPTTCallback(64)], "exact": [TBPTTCallback(64, exact=True)], "full": []}[mode]
 torch.manual_seed(0)
 torch.set_num_threads(1)
 model = SequenceRegressor(input_size=8, hidden_size=128, log=False)
@@ -95,7 +96,7 @@ x = torch.randn(16, length, 8)
 loader = DataLoader(TensorDataset(x, torch.cumsum(x[..., :1], 1)), batch_size=16)
 trainer = pl.Trainer(
     max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    callbacks=[TBPTTCallback(64)] if use_callback else [],
+    callbacks=callbacks,
 )
 trainer.fit(model, loader)
 print(json.dumps({"peak_mib": peak_mib()}))
@@ -128,6 +129,20 @@ def test_peak_memory_is_flat_in_sequence_length():
     assert growth_full > 150, f"the probe must see full BPTT grow (grew {growth_full:.0f} MiB)"
     # the data itself (input, target and their collated copies) grows by about 8 MiB
     assert growth_callback < 0.1 * growth_full, (base, with_callback, full_bptt)
+
+
+@pytest.mark.slow  # fits of short and long sequences, each in a fresh process
+def test_exact_gradients_keep_memory_flat_in_sequence_length_but_for_the_boundary_states():
+    short, long = 2048, 32768
+    full_slope = (peak_memory_mib(4096, "full") - peak_memory_mib(short, "full")) / (4096 - short)
+    exact_growth = peak_memory_mib(long, "exact") - peak_memory_mib(short, "exact")
+    truncated_growth = peak_memory_mib(long, "tbptt") - peak_memory_mib(short, "tbptt")
+    # full BPTT keeps every step's graph: about 0.1 MiB per step here, 3 GiB at the long length
+    assert full_slope > 0.05, f"the probe must see full BPTT grow (by {full_slope:.3f} MiB per step)"
+    # exact=True holds, beyond what truncated TBPTT holds (the data), one (h, c) per boundary: 2 x 16 x 128 floats
+    boundaries = (long - short) / 64 * 2 * 16 * 128 * 4 / 2**20
+    assert exact_growth < truncated_growth + boundaries + 16, (exact_growth, truncated_growth, boundaries)
+    assert exact_growth < 0.05 * full_slope * (long - short), (exact_growth, full_slope)
 
 
 EVALUATION_PROBE = """
