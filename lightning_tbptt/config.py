@@ -324,24 +324,6 @@ def _with_hiddens(argument: str) -> Refusal:
     )
 
 
-def _with_exact(argument: str) -> Refusal:
-    return Refusal(
-        f"exact with {argument}",
-        "init",
-        lambda s, f: s.exact and s.as_set(argument) is not None,
-        lambda s, f: ConfigurationError(
-            f"`TBPTTCallback(exact=True)` cannot be combined with `{argument}={s.as_set(argument)!r}`: "
-            + (
-                "overlapping windows are a truncation scheme (each window restarts from a state with no gradient"
-                " path), and `exact` backpropagates through the whole batch."
-                if argument == "stride"
-                else "burn-in steps run without gradient, and `exact` backpropagates through every step of the batch."
-            )
-            + f" Drop `{argument}`, or use `exact=False`."
-        ),
-    )
-
-
 REFUSALS: tuple[Refusal, ...] = (
     Refusal(
         "stride beyond segment_length",
@@ -386,7 +368,26 @@ REFUSALS: tuple[Refusal, ...] = (
             " (or pass `step_per='batch'`), or use `exact=False` for truncated TBPTT."
         ),
     ),
-    *(_with_exact(argument) for argument in ("stride", "burn_in")),
+    Refusal(
+        "exact with stride",
+        "init",
+        lambda s, f: s.exact and s.geometry.overlaps,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(exact=True)` cannot be combined with `stride={s.geometry.stride}`: overlapping windows"
+            " are a truncation scheme (each window restarts from a state with no gradient path), and `exact`"
+            " backpropagates through the whole batch. Drop `stride`, or use `exact=False`."
+        ),
+    ),
+    Refusal(
+        "exact with burn_in",
+        "init",
+        lambda s, f: s.exact and bool(s.geometry.burn_in),
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(exact=True)` cannot be combined with `burn_in={s.geometry.burn_in}`: burn-in steps run"
+            " without gradient, and `exact` backpropagates through every step of the batch. Drop `burn_in`, or use"
+            " `exact=False`."
+        ),
+    ),
     Refusal(
         "exact with nonfinite_state='reset'",
         "init",

@@ -170,7 +170,7 @@ def test_invalid_init_arg_value_raises_the_callbacks_configuration_error(tmp_pat
 
 
 def test_init_arg_value_outside_its_type_is_a_parser_error(tmp_path, capsys):
-    # `step_per: Literal["segment", "batch"]` is checked by the parser, which exits like any command-line error
+    # `step_per: Literal["segment", "batch"] | None` is checked by the parser, which exits like any command-line error
     with pytest.raises(SystemExit) as raised:
         run_cli(write_config(tmp_path, step_per="sequence"))
     assert raised.value.code == 2
@@ -178,4 +178,4 @@ def test_init_arg_value_outside_its_type_is_a_parser_error(tmp_path, capsys):
     assert 'Parser key "trainer.callbacks"' in error
     assert 'Parser key "step_per"' in error
     # before jsonargparse 4.43 the reason reads "Cannot take a Union of no types."
-    assert "Got value: sequence" in error or "Cannot take a Union of no types." in error
+    assert any(reason in error for reason in ("Got value: sequence", "Given value: sequence", "Union of no types"))
