@@ -76,8 +76,11 @@ class SegmentProgress:
             return kind, task
         return None
 
-    def show(self, index: int, count: int) -> None:
-        """Before segment ``index`` (from 0) of ``count`` runs: show ``(segment index+1/count)``."""
+    def show(self, index: int, count: int, recomputing: bool = False) -> None:
+        """Before segment ``index`` (from 0) of ``count`` runs: show ``(segment index+1/count)``.
+
+        ``recomputing``: the segment is run again with gradient (``exact=True``): show ``(segment 3/4, recomputing)``.
+        """
         if count <= 1:
             return
         target = self._target()
@@ -90,7 +93,8 @@ class SegmentProgress:
                 self._base = (kind, bar, bar.desc[:-2] if bar.desc.endswith(": ") else bar.desc)
             else:
                 self._base = (kind, bar, callback.progress.tasks[bar].description)
-        text = f"{self._base[2].rstrip()} (segment {index + 1}/{count})"
+        again = ", recomputing" if recomputing else ""
+        text = f"{self._base[2].rstrip()} (segment {index + 1}/{count}{again})"
         now = time.monotonic()
         redraw = now - self._drawn >= REFRESH_SECONDS
         if redraw:

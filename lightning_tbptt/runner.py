@@ -52,8 +52,8 @@ class Operations:
     """While active, evaluation values logged with ``on_epoch=True`` are weighted by the given number of steps."""
     stopped: Callable[[], bool] = lambda: False
     """Whether training must stop now (``max_steps`` reached)."""
-    show: Callable[[int, int], None] = lambda index, count: None
-    """Shows segment ``index`` of ``count`` (a progress bar)."""
+    show: Callable[[int, int, bool], None] = lambda index, count, recomputing: None
+    """Shows segment ``index`` of ``count`` (a progress bar), and whether it is being recomputed (``exact``)."""
     step_logged: Callable[["OrderedDict[str, Any]"], Any] = lambda kwargs: None
     """Calls ``training_step`` outside any optimisation, its ``self.log`` values kept (the first pass of ``exact``)."""
     recomputing: Callable[[], AbstractContextManager[None]] = _nothing
@@ -144,7 +144,7 @@ class SegmentRunner:
             if self.takes_hiddens:
                 segment_kwargs["hiddens"] = hiddens
             decision = decide(index)
-            operations.show(index, total)
+            operations.show(index, total, False)
             with self.running(info, stream, planned.carry_at):
                 output = run_segment(segment_kwargs, decision, info.num_valid)
             self.segments_run += 1
@@ -175,7 +175,7 @@ class SegmentRunner:
             decision = decide(index)
             segment_kwargs = OrderedDict(kwargs)
             segment_kwargs["batch"] = None
-            operations.show(index, total)
+            operations.show(index, total, False)
             idle = Segment(index + plan.burn_in_segments, count, None, 0, self.time_dim, num_valid=0)
             with operations.idle(), running(idle):
                 run_segment(segment_kwargs, decision, 0)
@@ -242,7 +242,7 @@ class SegmentRunner:
             boundaries.append(Boundary(store.keep_state(state.carried, position), state.rows, random))
             segment_kwargs = OrderedDict(kwargs)
             segment_kwargs["batch"], info = operations.to_device(segment)
-            operations.show(info.index, total)
+            operations.show(info.index, total, False)
             with torch.no_grad(), self.running(info, stream), operations.weighted(info.num_valid):
                 operations.step_logged(segment_kwargs)
         return boundaries
@@ -267,7 +267,7 @@ class SegmentRunner:
         segment_kwargs = OrderedDict(kwargs)
         segment_kwargs["batch"], info = self.operations.to_device(segment)
         info = replace(info, recomputing=True)
-        self.operations.show(info.index, total)
+        self.operations.show(info.index, total, True)
         called: set[str] = set()
 
         def join(loss: Tensor) -> Tensor:
@@ -306,7 +306,7 @@ class SegmentRunner:
         segments: list[Segment] = []
         for planned in plan:
             segment_batch, info = operations.to_device(planned)
-            operations.show(info.index, len(plan))
+            operations.show(info.index, len(plan), False)
             silenced = operations.silenced() if info.burn_in else nullcontext()
             with self.running(info, stream), silenced, operations.weighted(info.num_valid):
                 outputs.append(step(segment_batch, *rest, **kwargs))

@@ -105,3 +105,18 @@ def test_a_bar_writing_to_a_log_or_redrawn_rarely_gets_no_extra_redraw(tmp_path,
     redraws, _, trainer = fit_counting_redraws(tmp_path, terminal=terminal, refresh_rate=refresh_rate)
     assert trainer.global_step == 46
     assert redraws == []
+
+
+@pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar])
+def test_with_exact_gradients_the_bar_shows_both_passes(tmp_path, bar):
+    pytest.importorskip("rich")
+    model = Watched().double()
+    callbacks = [TBPTTCallback(SEGMENT, exact=True), bar()]
+    trainer = make_trainer(tmp_path, callbacks, enable_progress_bar=True, limit_train_batches=1)
+    trainer.fit(model, make_loader())
+    before = model.seen[-1].removeprefix("end: ")
+    suffix = ": " if bar is TQDMProgressBar else ""
+    base = before.removesuffix(suffix).rstrip()
+    first = [f"{base} (segment {i}/4){suffix}" for i in range(1, 5)]
+    again = [f"{base} (segment {i}/4, recomputing){suffix}" for i in range(4, 0, -1)]
+    assert model.seen[:-1] == first + again

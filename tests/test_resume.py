@@ -144,10 +144,12 @@ class SavesEveryBatch(pl.Callback):
         trainer.save_checkpoint(self.directory / f"batch={self.saved}.ckpt")
 
 
-@pytest.mark.parametrize("step_per", ["segment", "batch"])
-def test_resuming_in_the_middle_of_an_accumulation_restores_the_pending_gradients(tmp_path, step_per):
+@pytest.mark.parametrize(
+    "options", [{"step_per": "segment"}, {"step_per": "batch"}, {"exact": True}], ids=["segment", "batch", "exact"]
+)
+def test_resuming_in_the_middle_of_an_accumulation_restores_the_pending_gradients(tmp_path, options):
     every = SavesEveryBatch(tmp_path)
-    model, trainer = fit_recording(tmp_path, [streaming(step_per=step_per), every], accumulate_grad_batches=2)
+    model, trainer = fit_recording(tmp_path, [streaming(**options), every], accumulate_grad_batches=2)
     checkpoints = sorted(tmp_path.glob("batch=*.ckpt"), key=lambda path: int(path.stem.split("=")[1]))
     pending = [
         path
@@ -157,7 +159,7 @@ def test_resuming_in_the_middle_of_an_accumulation_restores_the_pending_gradient
     assert pending, "some checkpoints are taken while gradients are accumulated"
     for path in pending[:3]:
         resumed, resumed_trainer = fit_recording(
-            tmp_path / path.stem, [streaming(step_per=step_per)], path, accumulate_grad_batches=2
+            tmp_path / path.stem, [streaming(**options)], path, accumulate_grad_batches=2
         )
         assert resumed_trainer.global_step == trainer.global_step
         assert parameters_equal(resumed, model, rtol=0, atol=1e-12), path.name
