@@ -285,6 +285,38 @@ def test_each_segment_runs_twice_logs_once_and_counts_once_in_metrics(tmp_path):
     assert float(trainer.callback_metrics["metric"]) == pytest.approx(sum(first_pass) / 15, rel=1e-6)
 
 
+class KeepsLosses(Regressor):
+    """The documented recipe for a side effect that is not a metric: skip it in the recomputation."""
+
+    def __init__(self) -> None:
+        super().__init__(log=False)
+        self.losses: list[float] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        if not current_segment().recomputing:
+            self.losses.append(float(loss.detach()))
+        return loss
+
+
+def test_a_side_effect_skipped_in_the_recomputation_happens_once_per_segment(tmp_path):
+    torch.manual_seed(0)
+    model = KeepsLosses().double()
+    reference = twin(model)
+    loader = make_loader()
+    fit(tmp_path, model, [TBPTTCallback(5, exact=True)], loader)
+    expected = []
+    with torch.no_grad():
+        for x, y in loader:  # the first batch's losses are those of the initial model
+            state = None
+            for start in range(0, 23, 5):
+                out, state = reference.rnn(x[:, start : start + 5], state)
+                expected.append(float(F.mse_loss(reference.head(out), y[:, start : start + 5])))
+            break
+    assert len(model.losses) == 15
+    assert model.losses[:5] == pytest.approx(expected, rel=1e-12)
+
+
 class Skips(Regressor):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         loss = super().training_step(batch, batch_idx)

@@ -183,3 +183,57 @@ def test_a_failing_segment_leaves_the_carried_state_as_it_was():
     with pytest.raises(RuntimeError, match="boom"):
         runner.train(plan_segments(x, 5), OrderedDict(batch=x), stream, failing)
     assert stream.state.carried["lstm"] is before
+
+
+def test_exact_runs_a_first_pass_then_recomputes_in_reverse_with_the_gradient_of_the_whole_batch():
+    """``train_exact`` with plain functions: the step is ``(lstm(x) ** 2).mean()``, backward runs in ``run_segment``."""
+    changes: list[Any] = []
+    events: list[str] = []
+
+    @contextmanager
+    def returning(change: Any) -> Any:
+        changes.append(change)
+        yield
+        changes.pop()
+
+    @contextmanager
+    def recomputing() -> Any:
+        events.append("recomputing")
+        yield
+        events.append("recomputed")
+
+    def step(kwargs: Any) -> torch.Tensor:
+        segment = current_segment()
+        events.append(f"{segment.index} grad={torch.is_grad_enabled()} recomputing={segment.recomputing}")
+        out, _ = lstm(kwargs["batch"])
+        return (out**2).mean()
+
+    lstm, runner, x = setup(step_logged=step, returning=returning, recomputing=recomputing)
+
+    def run_segment(kwargs: Any, decision: Decision | None, weight: int) -> dict[str, Any]:
+        loss = changes[-1](step(kwargs))  # as the shadowed training_step returns it
+        (loss * 0.5).backward()  # a factor of the backward path (a loss scale, 1/N) applies once per segment
+        return {"loss": loss.detach()}
+
+    stream = Stream("train")
+    ran = runner.train_exact(plan_segments(x, 4), OrderedDict(batch=x), stream, run_segment)
+    grads = [p.grad.clone() for p in lstm.parameters()]
+    # the reference: the three segments with their graph kept, one backward of the summed losses
+    state, total = None, 0.0
+    for start in range(0, T, 4):
+        out, state = lstm(x[:, start : start + 4], state)
+        last = (out**2).mean()
+        total = total + last
+    expected = torch.autograd.grad(total * 0.5, list(lstm.parameters()))
+    assert all(torch.allclose(g, e, rtol=0, atol=1e-14) for g, e in zip(grads, expected, strict=True))
+    assert events == [
+        *(f"{i} grad=False recomputing=False" for i in range(3)),
+        "recomputing",
+        *(f"{i} grad=True recomputing=True" for i in reversed(range(3))),
+        "recomputed",
+    ]
+    assert torch.allclose(ran.output["loss"], last.detach(), rtol=0, atol=1e-14)  # the batch's last segment's
+    assert (ran.index, runner.segments_run) == (2, 3)
+    # the state carried on is the first pass's, detached
+    assert torch.allclose(stream.state.carried["lstm"][0], state[0].detach(), rtol=0, atol=1e-14)
+    assert not stream.state.carried["lstm"][0].requires_grad
