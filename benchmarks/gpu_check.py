@@ -10,6 +10,9 @@
 3. Mixed precision: ``16-mixed`` (autocast float16 + GradScaler) and ``bf16-mixed`` fits against the same hand-written
    loop under ``torch.autocast``.
 4. ``LaneDataModule`` pins its training batches under a GPU ``Trainer`` (with and without workers).
+5. ``exact=True`` against a loop that keeps every segment's graph and steps once per batch, without dropout, with
+   ``nn.Dropout`` (CUDA generator replayed) and with dropout between ``nn.LSTM`` layers (drawn by cuDNN), each with a
+   truncated control that must differ.
 
 Every check prints PASS, FAIL or SKIP with its numbers; the exit status is 1 if any check failed. ``--device cpu
 --quick`` smoke-tests the script on a machine without a GPU (the GPU-only parts are reported as SKIP)::
@@ -649,6 +652,72 @@ def check_mixed_precision(report: Report, ctx: Context, name: str, precision: st
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# 5. Exact gradients (``exact=True``) on the device
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Dropping(Regressor):
+    """The regressor with dropout: ``nn.Dropout`` before the head and, with ``between_layers``, inside the RNN."""
+
+    def __init__(self, input_size: int, hidden_size: int, between_layers: float) -> None:
+        super().__init__("lstm", input_size, hidden_size)
+        self.rnn = nn.LSTM(input_size, hidden_size, num_layers=2, dropout=between_layers, batch_first=True)
+        self.dropout = nn.Dropout(0.3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(self.dropout(out))
+
+
+def reference_exact(model: Regressor, loader: DataLoader[Any], *, segment_length: int, device: str) -> int:
+    """The oracle of ``exact=True``: every segment of a batch with its graph kept, one backward and step per batch."""
+    model.to(device).train()
+    optimizer = make_optimizer(model.parameters())
+    steps = 0
+    for x, y in loader:
+        state, total = None, torch.zeros((), device=device)
+        for start in range(0, x.shape[1], segment_length):
+            x_seg = x[:, start : start + segment_length].to(device)
+            out, state = model.rnn(x_seg, state)
+            out = model.dropout(out) if isinstance(model, Dropping) else out
+            total = total + F.mse_loss(model.head(out), y[:, start : start + segment_length].to(device))
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        steps += 1
+    model.cpu()
+    return steps
+
+
+def check_exact(report: Report, ctx: Context, name: str, between_layers: float | None) -> None:
+    """``exact=True`` against the keep-the-graph loop on the device (``between_layers``: dropout, seeded alike)."""
+    s = ctx.sizes
+    loader = regression_loader(s.eq_sequences, s.eq_length, s.eq_input, s.eq_batch)
+    torch.manual_seed(0)
+    if between_layers is None:
+        model: Regressor = Regressor("lstm", s.eq_input, s.eq_hidden)
+    else:
+        model = Dropping(s.eq_input, s.eq_hidden, between_layers)
+    reference, truncated = copy.deepcopy(model), copy.deepcopy(model)
+    torch.manual_seed(1)
+    trainer = fit(ctx, model, [TBPTTCallback(s.eq_segment, exact=True)], loader=loader)
+    torch.manual_seed(1)
+    steps = reference_exact(reference, loader, segment_length=s.eq_segment, device=ctx.device)
+    torch.manual_seed(1)
+    fit(ctx, truncated, [TBPTTCallback(s.eq_segment, step_per="batch")], loader=loader)
+    result = compare(model, reference, FP32_TOLERANCE)
+    control = compare(truncated, reference, FP32_TOLERANCE)
+    ok = result.close and trainer.global_step == steps and not control.close
+    report.result(
+        name,
+        verdict(ok),
+        f"max|dparam| against the keep-the-graph loop {result.max_diff:.3e} (allclose: {result.close}, bitwise:"
+        f" {result.bitwise}); steps {trainer.global_step} vs {steps}; control (truncated step_per='batch') differs"
+        f" by {control.max_diff:.3e}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # 4. Pinned batches from LaneDataModule
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -749,6 +818,9 @@ def main() -> int:
             ("3a 16-mixed vs autocast + GradScaler", lambda name: check_mixed_precision(report, ctx, name, "16-mixed")),
             ("3b bf16-mixed vs autocast", lambda name: check_mixed_precision(report, ctx, name, "bf16-mixed")),
             ("4 LaneDataModule pins batches", lambda name: check_pinning(report, ctx, name)),
+            ("5a exact=True, float32", lambda name: check_exact(report, ctx, name, None)),
+            ("5b exact=True with nn.Dropout", lambda name: check_exact(report, ctx, name, 0.0)),
+            ("5c exact=True with dropout inside nn.LSTM", lambda name: check_exact(report, ctx, name, 0.3)),
             (
                 "2d streamed peak GPU memory at the longest T",
                 lambda name: check_longest_stream(report, ctx, name, streamed),
