@@ -856,12 +856,17 @@ def shadowed_training_step(module: Any, step: Callable[..., Any]) -> Any:
     return _shadowed(module, {"training_step": step})
 
 
-def returned_through(module: Any, change: Callable[[Any], Any]) -> Any:
-    """While active, what ``module.training_step`` returns passes through ``change`` (shadowed, then restored)."""
+def returned_through(
+    module: Any, change: Callable[[Any], Any], around: Callable[[Callable[[], Any]], Any] = lambda call: call()
+) -> Any:
+    """While active, ``module.training_step`` runs through ``around`` and its output passes through ``change``.
+
+    Shadowed on the instance, then restored (:func:`shadowed_training_step`).
+    """
     original = module.training_step
 
     def step(*args: Any, **kwargs: Any) -> Any:
-        return change(original(*args, **kwargs))
+        return change(around(lambda: original(*args, **kwargs)))
 
     return shadowed_training_step(module, step)
 

@@ -10,8 +10,8 @@ how segments run is in the runner.
 """
 
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
@@ -200,8 +200,7 @@ class Fit:
                     stopped=lambda: 0 <= self.trainer.max_steps <= self.trainer.global_step,
                     show=self.progress.show,
                     step_logged=lambda kwargs: call_training_step(self.trainer, kwargs, logged=True),
-                    recomputing=self._recomputing,
-                    returning=lambda change: returned_through(self.trainer.lightning_module, change),
+                    recomputed=self._recomputed,
                     random_devices=lambda: cuda_devices(self.trainer.lightning_module),
                 ),
                 time_dim=self.settings.layout.time_dim,
@@ -209,12 +208,19 @@ class Fit:
             )
         return self._runner
 
-    @contextmanager
-    def _recomputing(self) -> Iterator[None]:
-        """While ``exact=True`` recomputes a batch: nothing logged, and every metric left as the first pass left it."""
+    def _recomputed(self, change: Callable[[Any], Any]) -> AbstractContextManager[None]:
+        """While ``exact=True`` recomputes a segment: its ``training_step`` logs nothing and leaves every metric.
+
+        The first pass logged and counted the segment; the hooks around the recomputed step (backward, optimizer step)
+        run in this pass only, so they log and update as usual. The step's output passes through ``change``.
+        """
         module = self.trainer.lightning_module
-        with silenced_logging(module), frozen_metrics(module):
-            yield
+
+        def silenced(output: Callable[[], Any]) -> Any:
+            with silenced_logging(module), frozen_metrics(module):
+                return output()
+
+        return returned_through(module, change, around=silenced)
 
     @property
     def carrier(self) -> StateCarrier:

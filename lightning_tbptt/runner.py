@@ -56,10 +56,9 @@ class Operations:
     """Shows segment ``index`` of ``count`` (a progress bar), and whether it is being recomputed (``exact``)."""
     step_logged: Callable[["OrderedDict[str, Any]"], Any] = lambda kwargs: None
     """Calls ``training_step`` outside any optimisation, its ``self.log`` values kept (the first pass of ``exact``)."""
-    recomputing: Callable[[], AbstractContextManager[None]] = _nothing
-    """While active, ``self.log`` does nothing and the module's metrics are restored afterwards (the recomputation)."""
-    returning: Callable[[Callable[[Any], Any]], AbstractContextManager[None]] = _nothing
-    """While active, what ``training_step`` returns passes through the given function before Lightning sees it."""
+    recomputed: Callable[[Callable[[Any], Any]], AbstractContextManager[None]] = _nothing
+    """While active, ``training_step`` is recomputed: its ``self.log`` does nothing, the module's metrics are as
+    before it once it returns, and what it returns passes through the given function before Lightning sees it."""
     random_devices: Callable[[], list[int]] = lambda: []
     """The CUDA devices whose random number generators the model draws from (besides the CPU's)."""
 
@@ -212,7 +211,7 @@ class SegmentRunner:
         decision = None
         link = Link()
         try:
-            with replayed(devices), operations.recomputing():
+            with replayed(devices):
                 for index, position in enumerate(reversed(range(len(planned)))):
                     decision = decide(index)
                     segment_output, link = self._recompute(
@@ -277,7 +276,7 @@ class SegmentRunner:
 
         with (
             self.running(info, stream),
-            self.operations.returning(lambda returned: joined_output(returned, join, info.index)),
+            self.operations.recomputed(lambda returned: joined_output(returned, join, info.index)),
         ):
             output = run_segment(segment_kwargs, decision, info.num_valid)
         self.segments_run += 1

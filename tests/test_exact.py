@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 from lightning_tbptt import BatchError, ConfigurationError, TBPTTCallback, current_segment
 from lightning_tbptt.state import detach_state
@@ -223,6 +223,7 @@ class Recording(Regressor):
         super().__init__(log=False)
         self.calls: list[tuple[int, int, bool, bool, float]] = []
         self.metric = MeanMetric()
+        self.backwards = SumMetric()
         self.hooks: dict[str, int] = {}
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -243,6 +244,10 @@ class Recording(Regressor):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         self._count("on_before_optimizer_step")
+        self.log("steps_logged", float(self.hooks["on_before_optimizer_step"]), on_step=True, reduce_fx="max")
+
+    def on_after_backward(self) -> None:
+        self.backwards.update(torch.tensor(1.0))  # runs in the recomputation only: counted there
 
     def on_before_zero_grad(self, optimizer: Any) -> None:
         self._count("on_before_zero_grad")
@@ -283,6 +288,9 @@ def test_each_segment_runs_twice_logs_once_and_counts_once_in_metrics(tmp_path):
     assert float(model.last_outputs["loss"]) == pytest.approx(first_pass[-1], rel=1e-12)
     # the metric counted each segment once (the recomputation's updates were undone)
     assert float(trainer.callback_metrics["metric"]) == pytest.approx(sum(first_pass) / 15, rel=1e-6)
+    # hooks that run in the recomputation only log and update metrics as usual
+    assert float(trainer.callback_metrics["steps_logged"]) == 3
+    assert float(model.backwards.compute()) == 15
 
 
 class KeepsLosses(Regressor):
