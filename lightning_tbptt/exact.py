@@ -46,6 +46,7 @@ Example (a two-segment LSTM batch, checked against one backward through the whol
 
 """
 
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -94,7 +95,7 @@ class BoundaryStore:
 
     def keep_state(self, carried: Mapping[str, Any], position: int) -> dict[str, Any]:
         """A copy of every tensor of the carried states ``carried``, kept at boundary ``position``."""
-        place = iter(range(10**9))
+        place = itertools.count()
         return {
             name: apply_to_collection(carried[name], Tensor, lambda t: self.keep(t.detach(), position, next(place)))
             for name in sorted(carried)

@@ -230,3 +230,53 @@ def test_exact_runs_a_first_pass_then_recomputes_in_reverse_with_the_gradient_of
     # the state carried on is the first pass's, detached
     assert torch.allclose(stream.state.carried["lstm"][0], state[0].detach(), rtol=0, atol=1e-14)
     assert not stream.state.carried["lstm"][0].requires_grad
+
+
+def test_exact_carries_the_gradient_across_a_segment_in_which_a_module_is_not_called():
+    torch.manual_seed(0)
+    lstm, gru = nn.LSTM(2, H, batch_first=True).double(), nn.GRU(2, H, batch_first=True).double()
+    changes: list[Any] = []
+
+    @contextmanager
+    def recomputed(change: Any) -> Any:
+        changes.append(change)
+        yield
+        changes.pop()
+
+    def step(kwargs: Any) -> torch.Tensor:
+        x = kwargs["batch"]
+        loss = (lstm(x)[0] ** 2).mean()
+        if current_segment().index != 1:  # the GRU skips the middle segment: its state crosses it unchanged
+            loss = loss + (gru(x)[0] ** 2).mean()
+        return loss
+
+    def run_segment(kwargs: Any, decision: Decision | None, weight: int) -> dict[str, Any]:
+        changes[-1](step(kwargs)).backward()
+        return {}
+
+    carrier = StateCarrier({"lstm": lstm, "gru": gru})
+    runner = SegmentRunner(carrier, Operations(step_logged=step, recomputed=recomputed))
+    x = torch.randn(B, T, 2, dtype=torch.float64)
+    runner.train_exact(plan_segments(x, 4), OrderedDict(batch=x), Stream("train"), run_segment)
+    parameters = [*lstm.parameters(), *gru.parameters()]
+    grads = [p.grad.clone() for p in parameters]
+
+    def reference(cut: bool) -> tuple[torch.Tensor, ...]:
+        lstm_state = gru_state = None
+        total = 0.0
+        for index, start in enumerate(range(0, T, 4)):
+            piece = x[:, start : start + 4]
+            out, lstm_state = lstm(piece, lstm_state)
+            total = total + (out**2).mean()
+            if index != 1:
+                if cut and gru_state is not None:
+                    gru_state = gru_state.detach()
+                out, gru_state = gru(piece, gru_state)
+                total = total + (out**2).mean()
+        return torch.autograd.grad(total, parameters)
+
+    expected = reference(cut=False)
+    assert all(torch.allclose(g, e, rtol=0, atol=1e-14) for g, e in zip(grads, expected, strict=True))
+    # the control: had the GRU's gradient stopped at the segment that skips it, its parameters' would differ
+    cut = reference(cut=True)
+    assert not all(torch.allclose(g, e, rtol=0, atol=1e-10) for g, e in zip(grads, cut, strict=True))
