@@ -325,6 +325,27 @@ def test_a_side_effect_skipped_in_the_recomputation_happens_once_per_segment(tmp
     assert model.losses[:5] == pytest.approx(expected, rel=1e-12)
 
 
+class Validated(Regressor):
+    def __init__(self) -> None:
+        super().__init__(log=False)
+        self.validated: list[tuple[int, bool, bool]] = []
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        segment = current_segment()
+        self.validated.append((segment.index, segment.recomputing, torch.is_grad_enabled()))
+        x, y = batch
+        self.log("val_loss", F.mse_loss(self(x), y))
+
+
+def test_evaluation_is_unchanged_each_segment_runs_once(tmp_path):
+    torch.manual_seed(0)
+    model = Validated().double()
+    trainer = fit(tmp_path, model, [TBPTTCallback(5, exact=True)], make_loader(), limit_train_batches=1)
+    model.validated.clear()
+    trainer.validate(model, make_loader(), verbose=False)
+    assert model.validated == [(i, False, False) for i in range(5)] * 3
+
+
 class Skips(Regressor):
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         loss = super().training_step(batch, batch_idx)
