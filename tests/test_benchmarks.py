@@ -96,3 +96,37 @@ def test_packed_benchmark_runs_every_method_and_computes_the_same_losses():
         float(line.split()[-1]) for line in lines if re.fullmatch(r"\d\.\d+e[+-]\d+", line.split()[-1] if line else "")
     ]
     assert len(dloss) == 3 * 3 and max(dloss) < 1e-4, "padded, dropped and packed segments give the same losses"
+
+
+@pytest.mark.slow  # a benchmark script run in fresh subprocesses
+def test_exact_benchmark_runs_every_mode_and_prints_the_ratios():
+    tiny = ["--lengths", "64", "128", "--hidden-sizes", "8", "--input-size", "2", "--batch-size", "2"]
+    lines = run_script("exact.py", *tiny, "--segment-length", "16", "--full-max-length", "64")
+    rows = [line.split() for line in lines if re.match(r"\s+8\s+(64|128)\s", line)]
+    modes = [(int(row[1]), " ".join(row[2:-2])) for row in rows]
+    assert modes == [(64, "full BPTT"), (64, "exact"), (64, "truncated"), (128, "exact"), (128, "truncated")]
+    assert all(float(row[-2]) > 0 for row in rows)
+    (ratios,) = [line for line in lines if line.startswith("H=8 T=64: exact / truncated time")]
+    assert "exact / full BPTT memory" in ratios
+    assert any(line.startswith("H=8 T=128: exact / truncated time") for line in lines)
+
+
+@pytest.mark.slow  # a benchmark script run in a subprocess
+def test_lag_benchmark_runs_every_configuration():
+    tiny = ["--lag", "4", "--length", "16", "--hidden-size", "8", "--batch-size", "4", "--batches", "2"]
+    lines = run_script("lag.py", *tiny, "--epochs", "1", "--eval-size", "8")
+    steps = {}
+    for line in lines:
+        match = re.match(r"(.+?)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$", line)
+        if match:
+            steps[match[1]] = int(match[2])
+            assert 0 <= float(match[4]) <= 1
+    # one step per segment (16 / k per batch), per window ((16 - 8) / 2 + 1), per batch (exact and full BPTT)
+    assert steps == {
+        "TBPTT k=1 (L/4)": 32,
+        "TBPTT k=2 (L/2)": 16,
+        "TBPTT k=8 (2L)": 4,
+        "windows 8/2 (2L/L/2)": 10,
+        "exact k=1 (L/4)": 2,
+        "full BPTT": 2,
+    }
