@@ -63,6 +63,10 @@ Instance attributes of the ``LightningModule``, shadowed while one segment runs 
   recomputed with ``exact=True``, so that its loss is joined to the gradient of the segments after it
   (:func:`returned_through`).
 
+And the dict ``Trainer.progress_bar_metrics`` returns, which is the logger connector's own (it keeps the values shown
+until Lightning resets them): the truncation probe's values are added to it, so that the progress bar shows them
+without going through ``self.log`` outside a hook (:func:`show_in_progress_bar`).
+
 And one public global of ``lightning_utilities``, for the duration of a fit: ``rank_zero.log`` and
 ``rank_zero.rank_zero_deprecation_category``, which the namespace imported last points at itself, point at the fit's
 namespace and are put back afterwards (:class:`RankZeroLogging`).
@@ -901,3 +905,10 @@ class RankZeroLogging:
         for name, value in (previous or {}).items():
             if getattr(rank_zero, name, None) is self._values[name] and value is not None:
                 setattr(rank_zero, name, value)
+
+
+def show_in_progress_bar(trainer: "pl.Trainer", values: dict[str, float]) -> None:
+    """Show ``values`` in the progress bar until they are logged again (or Lightning resets its metrics)."""
+    shown = trainer.progress_bar_metrics
+    if isinstance(shown, dict):
+        shown.update(values)

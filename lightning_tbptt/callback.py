@@ -6,7 +6,7 @@ record of where training stands stays, for a checkpoint saved after the fit).
 """
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 from typing_extensions import override
@@ -17,6 +17,7 @@ from lightning_tbptt.errors import ConfigurationError
 from lightning_tbptt.fields import FieldSpec
 from lightning_tbptt.fit import Fit, gather_facts, refuse_for
 from lightning_tbptt.namespaces import CallbackBase
+from lightning_tbptt.probe import ProbeResult
 from lightning_tbptt.schedule import StepPer
 from lightning_tbptt.split import split_batch
 from lightning_tbptt.streams import EVAL
@@ -36,7 +37,9 @@ class TBPTTCallback(CallbackBase):
 
     Args:
         segment_length: Time steps per segment. ``None`` takes the module's ``truncated_bptt_steps`` attribute
-            (Lightning 1.x style).
+            (Lightning 1.x style). ``"auto"``: the truncation probe chooses it between batches, on the grid
+            ``min_segment_length * 2**i`` up to ``max_segment_length``, starting from the longest (see
+            :mod:`lightning_tbptt.probe` and the guide "choosing the segment length").
         time_dim: The time dimension of sequence tensors: 1 for batch-first ``(B, T, ...)``, 0 for ``(T, B, ...)``.
             Which tensors count as sequences is documented in :mod:`lightning_tbptt.split`.
         step_per: ``"segment"`` (the default, unless ``exact``): an optimizer step after every segment (classic
@@ -104,6 +107,20 @@ class TBPTTCallback(CallbackBase):
             (with ``streaming``, until a reset marker). ``"reset"``: the state of that row is zeroed at the end of the
             segment, as if a new sequence started there, and a warning names the rows, the batch and the steps
             (costs one host synchronisation per batch).
+        probe_every: Run the truncation probe on every ``probe_every``-th training batch (the first included): it
+            measures, on the batch's first ``probe_horizon`` steps and before the batch trains, the relative bias of
+            the truncated gradient at the segment length in use and at shorter and longer ones, and how the gradient
+            decays through the carried state; logs them as ``tbptt/probe_*``, shows the bias in the progress bar and
+            keeps them in :attr:`probe_result`. It changes nothing in training (parameters, state, random numbers and
+            metrics are as without it) and costs time only on the batches it runs. ``None`` (default): no probe,
+            unless ``segment_length="auto"`` (then every 20 batches).
+        probe_tolerance: The relative bias ``δ`` in (0, 1) a segment length may have: the probe suggests the shortest
+            length below it, and ``"auto"`` moves towards it. Default 0.1.
+        probe_horizon: Time steps the probe measures from the start of the batch; it holds their graph at once
+            (memory of ``probe_horizon / segment_length`` segments). Default: 4 * ``segment_length``; with
+            ``"auto"``, 2 * the longest length.
+        min_segment_length: With ``segment_length="auto"``: the shortest segment length (default 8).
+        max_segment_length: With ``segment_length="auto"``: the longest segment length (default 512).
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -120,7 +137,7 @@ class TBPTTCallback(CallbackBase):
 
     def __init__(
         self,
-        segment_length: int | None = None,
+        segment_length: int | Literal["auto"] | None = None,
         *,
         time_dim: int = 1,
         step_per: StepPer | None = None,
@@ -138,6 +155,11 @@ class TBPTTCallback(CallbackBase):
         burn_in: int = 0,
         log_every: LogEvery = "step",
         nonfinite_state: NonfiniteState = "keep",
+        probe_every: int | None = None,
+        probe_tolerance: float | None = None,
+        probe_horizon: int | None = None,
+        min_segment_length: int | None = None,
+        max_segment_length: int | None = None,
     ) -> None:
         self.settings = Settings.from_arguments(
             segment_length,
@@ -157,6 +179,11 @@ class TBPTTCallback(CallbackBase):
             burn_in=burn_in,
             log_every=log_every,
             nonfinite_state=nonfinite_state,
+            probe_every=probe_every,
+            probe_tolerance=probe_tolerance,
+            probe_horizon=probe_horizon,
+            min_segment_length=min_segment_length,
+            max_segment_length=max_segment_length,
         )
         """The checked settings (frozen)."""
         self.lengths = lengths
@@ -164,7 +191,7 @@ class TBPTTCallback(CallbackBase):
         self._fit: Fit | None = None
 
     # the arguments, as given (read-only: a changed setting would not be checked)
-    segment_length = property(lambda self: self.settings.geometry.segment_length)
+    segment_length = property(lambda self: "auto" if self.settings.auto else self.settings.geometry.segment_length)
     stride = property(lambda self: self.settings.geometry.stride)
     burn_in = property(lambda self: self.settings.geometry.burn_in)
     loss_on = property(lambda self: self.settings.geometry.loss_on)
@@ -180,10 +207,28 @@ class TBPTTCallback(CallbackBase):
     recurrent_modules = property(lambda self: self.settings.recurrent_modules)
     exclude_modules = property(lambda self: self.settings.exclude_modules)
 
+    probe_every = property(lambda self: None if self.settings.probe is None else self.settings.probe.every)
+
+    @property
+    def current_segment_length(self) -> int | None:
+        """The segment length the next training batch is cut with: the fixed one, or what ``"auto"`` chose last.
+
+        ``None`` before a fit when it comes from the module's ``truncated_bptt_steps``.
+        """
+        if self._fit is not None:
+            return self._fit.segment_length
+        return self.settings.geometry.segment_length
+
+    @property
+    def probe_result(self) -> ProbeResult | None:
+        """What the last truncation probe of the last fit measured (see ``probe_every``), or ``None``."""
+        return None if self._fit is None else self._fit.probe_result
+
     def __repr__(self) -> str:
+        probe = f", probe_every={self.probe_every}" if self.probe_every is not None else ""
         return (
-            f"{type(self).__name__}(segment_length={self.segment_length}, time_dim={self.time_dim},"
-            f" step_per={self.step_per!r}" + (", exact=True)" if self.exact else ")")
+            f"{type(self).__name__}(segment_length={self.segment_length!r}, time_dim={self.time_dim},"
+            f" step_per={self.step_per!r}" + (", exact=True" if self.exact else "") + probe + ")"
         )
 
     def split_batch(self, batch: Any, segment_length: int) -> Sequence[Any]:
@@ -209,7 +254,7 @@ class TBPTTCallback(CallbackBase):
 
         With ``step_per="segment"`` these are the optimizer steps the batch takes. ``fresh``: the batch starts its
         stream from zeros, so a ``burn_in`` prefix runs first (every batch, or with ``streaming`` the first batch of
-        an epoch).
+        an epoch). With ``segment_length="auto"``, for the segment length in use (:attr:`current_segment_length`).
 
         Example:
             >>> TBPTTCallback(16, stride=8, burn_in=4).training_segments(64)
@@ -220,14 +265,15 @@ class TBPTTCallback(CallbackBase):
 
         """
         geometry = self.settings.geometry
-        if geometry.segment_length is None:
+        segment_length = self.current_segment_length
+        if segment_length is None:
             raise ConfigurationError(
                 "Expected argument `segment_length` of `TBPTTCallback` to be set to count the segments of a batch but"
                 " got None (the segment length comes from the module's `truncated_bptt_steps`). Pass"
                 " `TBPTTCallback(segment_length=...)`."
             )
         burn_in = geometry.burn_in if fresh else 0
-        return training_windows(length, geometry.segment_length, geometry.stride, burn_in)
+        return training_windows(length, segment_length, geometry.stride, burn_in)
 
     @property
     def resume_batch(self) -> int:

@@ -100,6 +100,19 @@ def check_entry(entry: Any) -> None:
         isinstance(gradients, Mapping) and all(isinstance(g, Tensor) for g in gradients.values())
     ):
         problems.append(f"`gradients` as None or a dict of parameter names to tensors ({_holds(entry, 'gradients')})")
+    probe = entry.get("probe")
+    if probe is not None and not (
+        isinstance(probe, Mapping)
+        and set(probe) == {"batches", "segment_length"}
+        and _is_int(probe["batches"])
+        and probe["batches"] >= 0
+        and _is_int(probe["segment_length"])
+        and probe["segment_length"] >= 1
+    ):
+        problems.append(
+            "`probe` as None or a dict of `batches` (an integer >= 0) and `segment_length` (an integer >= 1)"
+            f" ({_holds(entry, 'probe')})"
+        )
     if problems:
         raise ConfigurationError(
             f"Expected the checkpoint's `TBPTTCallback` entry to hold {'; '.join(problems)}. {_FIX}"
@@ -177,6 +190,9 @@ class CheckpointRecord:
     lanes: int | None = None
     carried: dict[str, Any] = field(default_factory=dict)
     unfinished: Tensor | None = None
+    probe: dict[str, int] | None = None
+    """With a truncation probe: ``{"batches": ..., "segment_length": ...}``, the training batches the fit has run
+    (the probe's schedule counts them) and the segment length in use (``"auto"`` changes it); ``None`` without one."""
     version: int = CHECKPOINT_FORMAT
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,6 +214,8 @@ class CheckpointRecord:
             entry["gradients"] = self.gradients
         if self.gradients_present is not None:
             entry["gradients_present"] = self.gradients_present
+        if self.probe is not None:
+            entry["probe"] = dict(self.probe)
         if self.streaming:
             entry["lanes"] = self.lanes
             entry["carried"] = self.carried

@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from lightning_tbptt.errors import ConfigurationError, ModelError, TBPTTError
 from lightning_tbptt.fields import FieldLocation, FieldSpec
+from lightning_tbptt.probe import ProbeSettings
 from lightning_tbptt.schedule import STEP_PER_CHOICES, StepPer
 from lightning_tbptt.windows import LOSS_ON_CHOICES, Geometry, LossOn
 
@@ -76,6 +77,71 @@ def _check_non_negative_int(value: Any, argument: str, hint: str) -> int:
     return value
 
 
+def _probe_settings(
+    segment_length: Any,
+    every: Any,
+    tolerance: Any,
+    horizon: Any,
+    shortest: Any,
+    longest: Any,
+) -> ProbeSettings | None:
+    """Check the probe's arguments (see ``TBPTTCallback``); ``None`` without a probe."""
+    auto = segment_length == "auto"
+    if isinstance(segment_length, str) and not auto:
+        raise ConfigurationError(
+            f"Expected argument `segment_length` to be a positive integer or 'auto' but got {segment_length!r}. Pass"
+            " e.g. `segment_length=64`, or `segment_length='auto'` to let the truncation probe choose it."
+        )
+    if not auto:
+        for argument, value in (("min_segment_length", shortest), ("max_segment_length", longest)):
+            if value is not None:
+                raise ConfigurationError(
+                    f"Expected argument `{argument}` to be set only with `segment_length='auto'` but got {value!r}"
+                    f" with `segment_length={segment_length!r}`. Pass `segment_length='auto'`, or drop `{argument}`."
+                )
+    if every is None and not auto:
+        for argument, value in (("probe_tolerance", tolerance), ("probe_horizon", horizon)):
+            if value is not None:
+                raise ConfigurationError(
+                    f"Expected argument `{argument}` to be set only with a probe but got {value!r} without"
+                    " `probe_every` (or `segment_length='auto'`). Pass e.g. `probe_every=50`, or drop"
+                    f" `{argument}`."
+                )
+        return None
+    if every is not None:
+        check_positive_int(every, "probe_every", "TBPTTCallback(segment_length=64, probe_every=50)")
+    if tolerance is not None and (
+        isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1
+    ):
+        raise ConfigurationError(
+            f"Expected argument `probe_tolerance` to be a number between 0 and 1 (exclusive) but got {tolerance!r}:"
+            " it is the relative bias of the truncated gradient a segment length may have. Pass e.g."
+            " `probe_tolerance=0.1`."
+        )
+    if horizon is not None:
+        check_positive_int(horizon, "probe_horizon", "TBPTTCallback(segment_length=64, probe_horizon=256)")
+        if horizon < 2:
+            raise ConfigurationError(
+                f"Expected argument `probe_horizon` to be at least 2 but got {horizon}: the probe compares segment"
+                " lengths shorter than the steps it probes. Pass e.g. 4 times the segment length."
+            )
+    low = 8 if shortest is None else check_positive_int(shortest, "min_segment_length", "min_segment_length=16")
+    high = 512 if longest is None else check_positive_int(longest, "max_segment_length", "max_segment_length=512")
+    if auto and high < low:
+        raise ConfigurationError(
+            f"Expected argument `max_segment_length` to be at least `min_segment_length={low}` but got {high}."
+            " Pass bounds with `min_segment_length <= max_segment_length`, e.g. 16 and 512."
+        )
+    return ProbeSettings(
+        every=20 if every is None else every,
+        tolerance=0.1 if tolerance is None else float(tolerance),
+        horizon=horizon,
+        auto=auto,
+        min_length=low,
+        max_length=high,
+    )
+
+
 @dataclass(frozen=True)
 class BatchLayout:
     """Where a batch holds time, the lengths of its sequences and its reset markers."""
@@ -106,11 +172,18 @@ class Settings:
     nonfinite_state: NonfiniteState = "keep"
     recurrent_modules: tuple[str, ...] = ()
     exclude_modules: tuple[str, ...] = ()
+    probe: ProbeSettings | None = None
+    """The truncation probe (and ``segment_length="auto"``), or ``None``."""
+
+    @property
+    def auto(self) -> bool:
+        """Whether the probe chooses the segment length (``segment_length="auto"``)."""
+        return self.probe is not None and self.probe.auto
 
     @classmethod
     def from_arguments(
         cls,
-        segment_length: int | None = None,
+        segment_length: int | Literal["auto"] | None = None,
         *,
         time_dim: int = 1,
         step_per: StepPer | None = None,
@@ -128,6 +201,11 @@ class Settings:
         burn_in: int = 0,
         log_every: LogEvery = "step",
         nonfinite_state: NonfiniteState = "keep",
+        probe_every: int | None = None,
+        probe_tolerance: float | None = None,
+        probe_horizon: int | None = None,
+        min_segment_length: int | None = None,
+        max_segment_length: int | None = None,
     ) -> "Settings":
         """Check the arguments of ``TBPTTCallback`` one by one, then the combinations refused at ``"init"``.
 
@@ -135,8 +213,14 @@ class Settings:
             ConfigurationError: If an argument is invalid, or a combination is refused.
 
         """
-        if segment_length is not None:
-            check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
+        probe = _probe_settings(
+            segment_length, probe_every, probe_tolerance, probe_horizon, min_segment_length, max_segment_length
+        )
+        length: int | None = None
+        if probe is not None and probe.auto:
+            length = probe.longest  # where "auto" starts: the longest length, the least biased
+        elif segment_length is not None:
+            length = check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
         if stride is not None:
             check_positive_int(stride, "stride", "TBPTTCallback(segment_length=64, stride=16)")
         _check_choice(
@@ -190,7 +274,7 @@ class Settings:
         excluded = _check_names(exclude_modules, "exclude_modules")
         drop = _check_bool(drop_finished, "drop_finished")
         settings = cls(
-            geometry=Geometry(segment_length, stride, burn_in, loss_on),
+            geometry=Geometry(length, stride, burn_in, loss_on),
             layout=BatchLayout(
                 time_dim,
                 None if lengths is None else FieldLocation(lengths),
@@ -206,6 +290,7 @@ class Settings:
             nonfinite_state=nonfinite_state,
             recurrent_modules=recurrent,
             exclude_modules=excluded,
+            probe=probe,
         )
         refuse("init", settings)
         return settings
@@ -234,7 +319,7 @@ class Settings:
         """The settings that decide what a resumed fit trains, as saved in checkpoints."""
         geometry = self.geometry
         return {
-            "segment_length": geometry.length,
+            "segment_length": "auto" if self.auto else geometry.length,
             "stride": geometry.effective_stride,
             "burn_in": geometry.burn_in,
             "step_per": self.step_per,
@@ -324,6 +409,26 @@ def _with_hiddens(argument: str) -> Refusal:
     )
 
 
+def _probing(settings: Settings) -> str:
+    probe = settings.probe
+    if probe is not None and probe.auto:
+        return "`TBPTTCallback(segment_length='auto')`"
+    return f"`TBPTTCallback(probe_every={None if probe is None else probe.every})`"
+
+
+def _probe_refusal(argument: str) -> Refusal:
+    return Refusal(
+        f"probe with {argument}",
+        "init",
+        lambda s, f: s.probe is not None and s.as_set(argument) is not None,
+        lambda s, f: ConfigurationError(
+            f"{_probing(s)} cannot be combined with `{argument}={s.as_set(argument)!r}`: the probe measures the bias"
+            " of consecutive segments from the batch's start, which is not what windows or a burn-in prefix train."
+            f" Drop `{argument}`, or do not probe."
+        ),
+    )
+
+
 REFUSALS: tuple[Refusal, ...] = (
     Refusal(
         "stride beyond segment_length",
@@ -399,6 +504,18 @@ REFUSALS: tuple[Refusal, ...] = (
             " e.g. gradient clipping, or a smaller learning rate), or `exact=False`."
         ),
     ),
+    *(_probe_refusal(argument) for argument in ("stride", "burn_in")),
+    Refusal(
+        "auto with exact",
+        "init",
+        lambda s, f: s.auto and s.exact,
+        lambda s, f: ConfigurationError(
+            "`TBPTTCallback(segment_length='auto')` cannot be combined with `exact=True`: the exact gradient has no"
+            " truncation bias, so there is nothing for the probe to choose the segment length by (it only trades"
+            " memory against time there). Pass a fixed `segment_length` with `exact=True`; `probe_every` still"
+            " reports what truncation would cost."
+        ),
+    ),
     Refusal(
         "several callbacks",
         "setup",
@@ -433,6 +550,15 @@ REFUSALS: tuple[Refusal, ...] = (
         ),
     ),
     *(_with_custom_split(argument) for argument in ("lengths", "resets", "stride", "burn_in")),
+    Refusal(
+        "probe with a custom split",
+        "setup",
+        lambda s, f: s.probe is not None and f.splitter is not None,
+        lambda s, f: ConfigurationError(
+            f"{_probing(s)} cannot be combined with a custom `{f.splitter}`: the probe cuts the batch into bands of"
+            " its own, along `time_dim`, and a custom split's layout is unknown to it. Drop one of the two."
+        ),
+    ),
     Refusal(
         "training_step(dataloader_iter)",
         "training",
@@ -471,6 +597,27 @@ REFUSALS: tuple[Refusal, ...] = (
             f"`TBPTTCallback(exact=True)` cannot work with manual optimization: it runs every segment twice, the"
             f" second time through Lightning's automatic optimization, and `{f.module}.training_step` makes its own"
             " backward and optimizer steps. Use automatic optimization, or `exact=False`."
+        ),
+    ),
+    Refusal(
+        "probe with hiddens",
+        "training",
+        lambda s, f: s.probe is not None and f.hiddens_position is not None,
+        lambda s, f: ConfigurationError(
+            f"{_probing(s)} cannot work with Lightning 1.x `hiddens`: the probe starts each band from a state it"
+            f" makes a leaf, and `hiddens` are threaded by `{f.module}.training_step` itself, in a layout the"
+            " callback does not know. Let the callback carry the state (drop the `hiddens` argument of"
+            " `training_step`), or do not probe."
+        ),
+    ),
+    Refusal(
+        "probe with manual optimization",
+        "training",
+        lambda s, f: s.probe is not None and not f.automatic,
+        lambda s, f: ConfigurationError(
+            f"{_probing(s)} cannot work with manual optimization: the probe runs `{f.module}.training_step` for its"
+            " gradients only, and that step makes its own backward and optimizer steps. Use automatic"
+            " optimization, or do not probe."
         ),
     ),
     Refusal(

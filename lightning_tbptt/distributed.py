@@ -143,3 +143,28 @@ def idle_training_step(module: nn.Module, strategy: Any) -> Any:
         return _zero_loss(module, strategy)
 
     return shadowed_training_step(module, training_step)
+
+
+def agree_on_probe(trainer: Any, length: int, *, error: BaseException | None = None) -> int:
+    """After a truncation probe: the longest segment length any process proposes (``length`` with one process).
+
+    Every process probes its own batch; with ``segment_length="auto"`` they go on with the longest length any of them
+    needs, so that every process runs the same segments. The same collective as :func:`agree_on_segment_count` (and
+    like it, a process whose probe failed tells the others, who raise too rather than wait).
+
+    Raises:
+        BatchError: On every other process, if a process's probe failed (the failed one raises its own error).
+
+    """
+    if trainer.world_size <= 1:
+        return length
+    most, _, failure = _reduce_max(trainer.strategy, [length, -length, int(error is not None)])
+    if failure:
+        causes = _gather_failures(error)
+        if error is None:
+            quoted = "; ".join(causes) if causes else "see its error"
+            raise BatchError(
+                f"The truncation probe failed in another process ({quoted}), so this process stops as well rather than"
+                " wait for it."
+            )
+    return most

@@ -38,16 +38,27 @@ from lightning_tbptt._lightning_internals import (
     complete_batch_saved_at_batch_end,
     resume_reruns_last_batch,
     returned_through,
+    show_in_progress_bar,
     silenced_logging,
     weighted_logging,
 )
 from lightning_tbptt.checkpoint import CheckpointRecord, check_carried
 from lightning_tbptt.config import FitFacts, Settings, Transfer, refuse
-from lightning_tbptt.distributed import agree_on_segment_count, idle_training_step
+from lightning_tbptt.distributed import agree_on_probe, agree_on_segment_count, idle_training_step
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
-from lightning_tbptt.exact import cuda_devices, frozen_metrics
+from lightning_tbptt.exact import Boundary, cuda_devices, frozen_metrics, replayed
 from lightning_tbptt.namespaces import is_overridden
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
+from lightning_tbptt.probe import (
+    ProbeResult,
+    Timer,
+    band_length,
+    candidate_lengths,
+    decay_rate,
+    measure,
+    next_length,
+    trainable,
+)
 from lightning_tbptt.progress import SegmentProgress
 from lightning_tbptt.runner import Operations, SegmentRunner
 from lightning_tbptt.schedule import Decision, OptimizationSchedule, StepPer
@@ -129,7 +140,12 @@ class Fit:
         self.progress = SegmentProgress(trainer)
         self.streams = {TRAIN: Stream(TRAIN), EVAL: Stream(EVAL)}
         self.schedule = OptimizationSchedule()
-        self.record = CheckpointRecord(streaming=self.settings.streaming)
+        self.segment_length = self.settings.geometry.length
+        """The segment length in use (``segment_length="auto"`` changes it between batches)."""
+        self.batches = 0
+        """Training batches this fit has started (the probe's schedule)."""
+        self.probe_result: ProbeResult | None = None
+        self.record = CheckpointRecord(streaming=self.settings.streaming, probe=self._probe_record())
         """Where the training epoch stands after the last batch, for checkpoints."""
         self.restored: CheckpointRecord | None = None
         """A record loaded from a checkpoint, until the training starts from it."""
@@ -266,7 +282,7 @@ class Fit:
             fresh = not settings.streaming or not self.streams[stream].lanes
             return plan_segments(
                 batch,
-                geometry.length,
+                self.segment_length,
                 time_dim=layout.time_dim,
                 lengths=layout.lengths,
                 drop_finished=layout.drop_finished,
@@ -276,7 +292,7 @@ class Fit:
                 whole_burn_in=stream != TRAIN,
                 loss_on_overlap=geometry.loss_on == "window",
             )
-        length = settings.geometry.length
+        length = self.segment_length
         if facts.module_splits:
             module = self.trainer.lightning_module
             segments = getattr(module, "tbptt_split_batch")(batch, length)  # noqa: B009
@@ -334,8 +350,13 @@ class Fit:
             # the other processes are about to wait for this one in the agreement: let them stop too, with the cause
             agree_on_segment_count(trainer, 0, automatic=context.automatic, error=error)
             raise
-        total = agree_on_segment_count(trainer, plan.steps, automatic=context.automatic)
         self._prepare_transfer(context.kwargs["batch"])
+        probe = self.settings.probe
+        due = probe is not None and self.batches % probe.every == 0
+        self.batches += 1
+        if due:
+            plan = self._probe(context, plan, stream)
+        total = agree_on_segment_count(trainer, plan.steps, automatic=context.automatic)
         self.record.in_batch = True
         step_per: StepPer = "batch" if context.skip_backward else self.settings.step_per
         schedule = self.schedule
@@ -369,6 +390,99 @@ class Fit:
         partial = ran.index < total - 1
         self.keep_record(ran.decision is not None and not ran.decision.step, partial=partial)
         return compat.without_hiddens(ran.output) if self.takes_hiddens else ran.output
+
+    def _probe(self, context: BatchContext, plan: SegmentPlan, stream: Stream) -> SegmentPlan:
+        """Probe the batch about to train (see :mod:`lightning_tbptt.probe`); return its plan.
+
+        The plan is made again if ``"auto"`` changed the segment length. The model, the stream and the random
+        generators are left as they were.
+        """
+        result: ProbeResult | None = None
+        failure: BaseException | None = None
+        try:
+            result = self._measure(context.kwargs, stream)
+        except Exception as error:
+            failure = error
+        proposal = result.next_length if result is not None and result.next_length is not None else 0
+        agreed = agree_on_probe(self.trainer, proposal, error=failure)
+        if failure is not None or result is None:
+            raise failure if failure is not None else RuntimeError("no probe result")
+        if self.settings.auto:
+            result = replace(result, next_length=agreed)
+            if agreed != self.segment_length:
+                self.segment_length = agreed
+                plan = self.plan(context.kwargs["batch"])
+        self.probe_result = result
+        trainer = self.trainer
+        values = result.metrics()
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(values, step=trainer.global_step)
+        show_in_progress_bar(trainer, {name: values[name] for name in _SHOWN if name in values})
+        return plan
+
+    def _measure(self, kwargs: Any, stream: Stream) -> ProbeResult:
+        """Run the probe on ``kwargs["batch"]``, from the state ``stream`` carries into it."""
+        probe, layout = self.settings.probe, self.settings.layout
+        assert probe is not None
+        timer = Timer()
+        length = self.segment_length
+        horizon = probe.span(length)
+        lengths = candidate_lengths(probe, length, horizon)
+        band = band_length(lengths, length)
+        bands_plan = plan_segments(
+            kwargs["batch"],
+            band,
+            time_dim=layout.time_dim,
+            lengths=layout.lengths,
+            drop_finished=layout.drop_finished,
+            resets=layout.resets,
+        )
+        module = self.trainer.lightning_module
+        before = Boundary(stream.state.carried, stream.state.rows)
+        buffers = [buffer.detach().clone() for buffer in module.buffers()]
+        try:
+            with replayed(cuda_devices(module)):
+                bands = self.runner.probe_bands(bands_plan, kwargs, stream, self._probe_step, horizon)
+                span = bands[-1].start + bands[-1].length
+                lengths = [candidate for candidate in lengths if candidate < span]
+                biases, decay = measure(bands, trainable(module.parameters()), lengths, type(module).__name__)
+                del bands
+        finally:
+            before.install(stream.state)
+            with torch.no_grad():
+                for buffer, saved in zip(module.buffers(), buffers, strict=True):
+                    buffer.copy_(saved)
+        result = ProbeResult(
+            batch=self.batches - 1,
+            global_step=self.trainer.global_step,
+            segment_length=length,
+            span=span,
+            band=band,
+            tolerance=probe.tolerance,
+            biases=biases,
+            decay=decay,
+            decay_rate=decay_rate(decay),
+            seconds=timer.seconds,
+        )
+        if probe.auto:
+            result = replace(result, next_length=next_length(length, result.suggested, probe))
+        return result
+
+    def _probe_step(self, kwargs: Any) -> Any:
+        """``training_step`` for the probe: in the precision plugin's context, logging nothing, metrics unchanged."""
+        module = self.trainer.lightning_module
+        with (
+            self.trainer.strategy.precision_plugin.train_step_context(),
+            silenced_logging(module),
+            frozen_metrics(module),
+        ):
+            return module.training_step(*kwargs.values())
+
+    def _probe_record(self) -> dict[str, int] | None:
+        if self.settings.probe is None:
+            return None
+        return {"batches": self.batches, "segment_length": self.segment_length}
 
     def run_evaluation_batch(
         self, name: str, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -460,7 +574,9 @@ class Fit:
             return
         self.schedule.reset()
         self.reset_stream(TRAIN)
-        self.record = CheckpointRecord(epoch=self.trainer.current_epoch, streaming=self.settings.streaming)
+        self.record = CheckpointRecord(
+            epoch=self.trainer.current_epoch, streaming=self.settings.streaming, probe=self._probe_record()
+        )
 
     def keep_record(self, pending: bool, *, partial: bool = False, batches_done: int | None = None) -> None:
         """After a training batch (or on resume): what a checkpoint taken now must hold to resume exactly."""
@@ -479,6 +595,7 @@ class Fit:
             lanes=stream.lanes,
             carried=dict(stream.state.carried),
             unfinished=stream.unfinished,
+            probe=self._probe_record(),
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -543,6 +660,10 @@ class Fit:
         settings = self.settings
         if restored.config is not None:
             self._warn_about_changed_settings(restored.config)
+        if restored.probe is not None and settings.probe is not None:
+            self.batches = restored.probe["batches"]
+            if settings.auto:
+                self.segment_length = restored.probe["segment_length"]
         if restored.streaming != settings.streaming:
             raise ConfigurationError(
                 f"Expected the checkpoint to come from a fit with `TBPTTCallback(streaming={settings.streaming})` but"
@@ -649,6 +770,10 @@ class Fit:
         device = self.trainer.strategy.root_device
         on_device = apply_to_collection(carried, Tensor, lambda t: t.to(device))
         self.streams[TRAIN].restore(on_device, restored.lanes, restored.unfinished)
+
+
+_SHOWN = ("tbptt/probe_bias", "tbptt/segment_length")
+"""The probe's values shown in the progress bar."""
 
 
 def refuse_for(settings: Settings, facts: FitFacts, stage: str) -> None:

@@ -22,6 +22,7 @@ from lightning_tbptt.compat import returned_hiddens
 from lightning_tbptt.exact import Boundary, BoundaryStore, Link, RandomState, joined_output, replayed, tensors_of
 from lightning_tbptt.outputs import join_outputs
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan
+from lightning_tbptt.probe import ProbedBand, loss_of
 from lightning_tbptt.schedule import Decision
 from lightning_tbptt.segment import Segment, running
 from lightning_tbptt.state import StateCarrier
@@ -284,6 +285,39 @@ class SegmentRunner:
             return output, Link()
         grads = [leaf.grad if leaf.requires_grad else None for leaf in tensors_of(leaves)]
         return output, link.into_previous(leaves, grads, passed=[name for name in leaves if name not in called])
+
+    def probe_bands(
+        self,
+        plan: SegmentPlan,
+        kwargs: "OrderedDict[str, Any]",
+        stream: Stream,
+        step: Callable[["OrderedDict[str, Any]"], Any],
+        span: int,
+    ) -> list[ProbedBand]:
+        """Run the bands of ``plan`` that start before step ``span`` forward with gradient, keeping their graphs.
+
+        Each band starts from the state the band before it ended with, made a leaf (see
+        :mod:`lightning_tbptt.probe`); ``step`` calls ``training_step``. The caller puts the stream's state back
+        afterwards.
+        """
+        bands: list[ProbedBand] = []
+        reported = len(self.nonfinite)
+        for planned in plan:
+            start = planned.info.start
+            if start is None or start >= span:
+                break
+            state = stream.state
+            leaves = Boundary(state.carried, state.rows).leaves() if state.carried else {}
+            state.carried.update(leaves)
+            segment_kwargs = OrderedDict(kwargs)
+            segment_kwargs["batch"], info = self.operations.to_device(planned)
+            with torch.enable_grad(), self.running(replace(info, probing=True), stream):
+                output = step(segment_kwargs)
+                ends = self.carrier.returned_states()
+            passed = [name for name in leaves if name not in ends]
+            bands.append(ProbedBand(start, info.length, loss_of(output), leaves, ends, passed))
+        del self.nonfinite[reported:]  # the probe reports nothing: training runs the batch afterwards
+        return bands
 
     def _burn_in(self, planned: PlannedSegment, kwargs: "OrderedDict[str, Any]", stream: Stream) -> None:
         """Run ``training_step`` on a burn-in prefix without gradient or optimizer step: only its state counts."""

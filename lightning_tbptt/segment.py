@@ -74,6 +74,10 @@ class Segment:
     segment of the batch without gradient (``False``; its ``self.log`` values are the ones logged), the
     *recomputation* runs them again with gradient, last to first (``True``; ``self.log`` does nothing, metrics are
     restored afterwards). Always ``False`` otherwise."""
+    probing: bool = False
+    """Whether the truncation probe runs this segment (a *band* of the probed span, see :mod:`lightning_tbptt.probe`):
+    with gradient, outside any optimizer step, ``self.log`` doing nothing and metrics restored afterwards. Skip other
+    side effects (a counter, a list of outputs) while it is ``True``."""
 
     def __post_init__(self) -> None:
         if self.lengths is not None:

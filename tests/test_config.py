@@ -60,6 +60,42 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = 
         ConfigurationError,
         r"exact=True\)` cannot work with manual optimization.*`Net.training_step` makes its own backward",
     ),
+    "probe with stride": (
+        {"probe_every": 5, "stride": 4},
+        {},
+        ConfigurationError,
+        r"probe_every=5\)` cannot be combined with `stride=4`: the probe measures the bias of consecutive segments",
+    ),
+    "probe with burn_in": (
+        {"segment_length": "auto", "burn_in": 3},
+        {},
+        ConfigurationError,
+        r"segment_length='auto'\)` cannot be combined with `burn_in=3`",
+    ),
+    "auto with exact": (
+        {"segment_length": "auto", "exact": True},
+        {},
+        ConfigurationError,
+        r"segment_length='auto'\)` cannot be combined with `exact=True`: the exact gradient has no truncation bias",
+    ),
+    "probe with a custom split": (
+        {"probe_every": 2},
+        {"callback_splits": True},
+        ConfigurationError,
+        r"probe_every=2\)` cannot be combined with a custom `split_batch`: the probe cuts the batch into bands",
+    ),
+    "probe with hiddens": (
+        {"probe_every": 2},
+        {"hiddens_position": 2, "module": "Net"},
+        ConfigurationError,
+        r"probe_every=2\)` cannot work with Lightning 1.x `hiddens`.*`Net.training_step`",
+    ),
+    "probe with manual optimization": (
+        {"segment_length": "auto"},
+        {"automatic": False, "module": "Net"},
+        ConfigurationError,
+        r"segment_length='auto'\)` cannot work with manual optimization: the probe runs `Net.training_step`",
+    ),
     "several callbacks": ({}, {"callbacks": 2}, ConfigurationError, r"one `TBPTTCallback` .* but got 2"),
     "stride beyond the module's segment length": (
         {"segment_length": None, "stride": 8},
@@ -192,12 +228,27 @@ INVALID = [
     ({"streaming": "yes"}, r"`streaming` to be a bool but got 'yes'"),
     ({"evaluate": None}, r"`evaluate` to be a bool but got None"),
     ({"exact": "yes"}, r"`exact` to be a bool but got 'yes'"),
+    ({"segment_length": "longest"}, r"`segment_length` to be a positive integer or 'auto' but got 'longest'"),
+    ({"probe_every": 0}, r"`probe_every` to be a positive integer but got 0"),
+    ({"probe_every": 2, "probe_tolerance": 0}, r"`probe_tolerance` to be a number between 0 and 1 .* got 0"),
+    ({"probe_every": 2, "probe_tolerance": 1.5}, r"`probe_tolerance` to be a number between 0 and 1 .* got 1.5"),
+    ({"probe_every": 2, "probe_tolerance": True}, r"`probe_tolerance` to be a number between 0 and 1 .* got True"),
+    ({"probe_every": 2, "probe_horizon": 1}, r"`probe_horizon` to be at least 2 but got 1"),
+    ({"probe_tolerance": 0.2}, r"`probe_tolerance` to be set only with a probe but got 0.2 without `probe_every`"),
+    ({"probe_horizon": 64}, r"`probe_horizon` to be set only with a probe"),
+    ({"min_segment_length": 4}, r"`min_segment_length` to be set only with `segment_length='auto'` but got 4"),
+    ({"max_segment_length": 64}, r"`max_segment_length` to be set only with `segment_length='auto'`"),
+    (
+        {"segment_length": "auto", "min_segment_length": 32, "max_segment_length": 16},
+        r"`max_segment_length` to be at least `min_segment_length=32` but got 16",
+    ),
+    ({"segment_length": "auto", "min_segment_length": 0}, r"`min_segment_length` to be a positive integer but got 0"),
     ({"lengths": 1.5}, r"`lengths`"),
     ({"resets": 1.5}, r"`resets`"),
 ]
 
 
-@pytest.mark.parametrize(("arguments", "message"), INVALID, ids=[next(iter(a)) for a, _ in INVALID])
+@pytest.mark.parametrize(("arguments", "message"), INVALID, ids=["-".join(a) for a, _ in INVALID])
 def test_each_invalid_value_is_refused_by_name(arguments, message):
     arguments = {"segment_length": 8, **arguments}
     with pytest.raises(ConfigurationError, match=message):
@@ -224,3 +275,16 @@ def test_the_callback_reads_its_settings_and_does_not_let_them_change():
     assert (exact.exact, exact.step_per, callback.exact) == (True, "batch", False)
     assert repr(exact) == "TBPTTCallback(segment_length=8, time_dim=1, step_per='batch', exact=True)"
     assert TBPTTCallback(8, exact=True, step_per="batch").step_per == "batch"
+
+
+def test_auto_and_the_probe_read_their_settings():
+    auto = TBPTTCallback("auto", min_segment_length=16, max_segment_length=100)
+    assert (auto.segment_length, auto.current_segment_length, auto.probe_every) == ("auto", 64, 20)
+    probe = auto.settings.probe
+    assert probe is not None and (probe.auto, probe.tolerance, probe.longest, probe.span(64)) == (True, 0.1, 64, 128)
+    assert auto.settings.saved()["segment_length"] == "auto"
+    assert repr(auto) == "TBPTTCallback(segment_length='auto', time_dim=1, step_per='segment', probe_every=20)"
+    fixed = TBPTTCallback(32, probe_every=7, probe_tolerance=0.05)
+    probe = fixed.settings.probe
+    assert probe is not None and (probe.auto, probe.every, probe.tolerance, probe.span(32)) == (False, 7, 0.05, 128)
+    assert TBPTTCallback(32).probe_every is None and TBPTTCallback(32).probe_result is None
