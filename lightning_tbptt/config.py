@@ -89,7 +89,7 @@ def _probe_settings(
     auto = segment_length == "auto"
     if isinstance(segment_length, str) and not auto:
         raise ConfigurationError(
-            f"Expected argument `segment_length` to be a positive integer or 'auto' but got {segment_length!r}. Pass"
+            f"Expected argument `segment_length` to be 'auto' or a positive integer but got {segment_length!r}. Pass"
             " e.g. `segment_length=64`, or `segment_length='auto'` to let the truncation probe choose it."
         )
     if not auto:

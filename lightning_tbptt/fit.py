@@ -405,8 +405,9 @@ class Fit:
             failure = error
         proposal = result.next_length if result is not None and result.next_length is not None else 0
         agreed = agree_on_probe(self.trainer, proposal, error=failure)
-        if failure is not None or result is None:
-            raise failure if failure is not None else RuntimeError("no probe result")
+        if result is None:
+            assert failure is not None
+            raise failure
         if self.settings.auto:
             result = replace(result, next_length=agreed)
             if agreed != self.segment_length:

@@ -228,7 +228,7 @@ INVALID = [
     ({"streaming": "yes"}, r"`streaming` to be a bool but got 'yes'"),
     ({"evaluate": None}, r"`evaluate` to be a bool but got None"),
     ({"exact": "yes"}, r"`exact` to be a bool but got 'yes'"),
-    ({"segment_length": "longest"}, r"`segment_length` to be a positive integer or 'auto' but got 'longest'"),
+    ({"segment_length": "longest"}, r"`segment_length` to be 'auto' or a positive integer but got 'longest'"),
     ({"probe_every": 0}, r"`probe_every` to be a positive integer but got 0"),
     ({"probe_every": 2, "probe_tolerance": 0}, r"`probe_tolerance` to be a number between 0 and 1 .* got 0"),
     ({"probe_every": 2, "probe_tolerance": 1.5}, r"`probe_tolerance` to be a number between 0 and 1 .* got 1.5"),
