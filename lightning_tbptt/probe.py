@@ -10,14 +10,16 @@ measures it on the first ``horizon`` steps of a batch (its *span*), for several 
    runs forward with gradient from its start state made a leaf, keeping the graph of every band
    (:class:`ProbedBand`);
 2. backward sweeps from the last band to the first (:func:`sweep`) pass each band's start-state gradient on to the band
-   before, as ``exact=True`` does; a sweep for candidate ``c`` drops it at every multiple of ``c``, which is TBPTT with
-   segments of ``c``; a sweep that drops it nowhere is the exact gradient of the span. One more sweep, from the last
-   band's loss alone, measures how the norm of the gradient decays with the distance it travels back through the
-   carried state (:attr:`ProbeResult.decay`).
+   before, as ``exact=True`` does, from the losses of the bands in the span's second half (:func:`scored_from`); a
+   sweep for candidate ``c`` drops it at every multiple of ``c``, which is TBPTT with segments of ``c``; a sweep that
+   drops it nowhere is the exact gradient. One more sweep, from the last band's loss alone, measures how the norm of
+   the gradient decays with the distance it travels back through the carried state (:attr:`ProbeResult.decay`).
 
 So the biases are measured, not modelled: on the span and rows probed they are exactly what ``exact=True`` against
-``step_per="batch"`` would give on that span. They estimate the bias on whole batches as far as the span is typical of
-them (history before the span's start is cut in both gradients; choose a horizon of several segments).
+``step_per="batch"`` would give for a loss on the span's second half. Only that half is scored because the history
+before the span's start is cut in both gradients: each loss that counts has at least half the span behind it. They
+estimate the bias on whole batches as far as the span is typical of them and half of it covers the dependencies that
+matter (choose a horizon of several segments; the default is four).
 
 Example (an LSTM whose loss sits at the end of the span; truncation shorter than the span drops the whole path):
     >>> import torch
@@ -93,7 +95,8 @@ class ProbeResult:
     global_step: int
     """``trainer.global_step`` when the probe ran (before the batch's optimizer steps)."""
     segment_length: int
-    """The segment length the batch trained with."""
+    """The segment length in use when the probe ran (with ``"auto"``, the probed batch then trains with
+    :attr:`next_length`)."""
     span: int
     """Time steps probed (the horizon, or the batch's length if shorter)."""
     band: int
@@ -285,10 +288,24 @@ def decay_rate(decay: Sequence[tuple[int, float]]) -> float | None:
     return math.exp(slope)
 
 
+def scored_from(bands: Sequence[ProbedBand]) -> int:
+    """The first band whose loss counts in the biases: the first to start in the second half of the span.
+
+    The losses of the first half are left out because the history before the span's start is cut in the exact
+    gradient too: a loss near the start would count as unbiased only for want of history. Every loss that counts has
+    at least half the span behind it.
+    """
+    span = bands[-1].start + bands[-1].length
+    return next(position for position, band in enumerate(bands) if 2 * band.start >= span or band is bands[-1])
+
+
 def measure(
     bands: Sequence[ProbedBand], parameters: Sequence[Tensor], lengths: Sequence[int], module: str = "the model"
 ) -> tuple[dict[int, float], tuple[tuple[int, float], ...]]:
     """The relative bias of each candidate length, and the decay of the last band's gradient with distance.
+
+    The biases are those of the losses of the span's second half (:func:`scored_from`), backpropagated through the
+    whole span. None are measured (an empty dict) when those losses give no gradient at all (no scored step there).
 
     Raises:
         ModelError: If no gradient reaches any carried state: the truncation would then drop nothing, because the
@@ -302,15 +319,21 @@ def measure(
         gradients = [g for gs in reached.values() for g in gs if g is not None]
         reached_any = reached_any or any(bool(g.abs().sum() > 0) for g in gradients)
 
-    exact = sweep(bands, parameters, on_boundary=seen)
-    if len(bands) > 1 and not reached_any:
+    first = scored_from(bands)
+    exact = sweep(bands, parameters, losses_from=first, on_boundary=seen)
+    scored = _norm(exact) > 0
+    if len(bands) > 1 and scored and not reached_any:
         raise ModelError(
             f"The truncation probe found no gradient reaching the carried state of {module} at any band boundary, so"
             " its state cannot take a gradient (it is detached inside the module, or not floating-point) and"
             " truncation drops nothing. Carry a state that is part of the graph, or do not probe"
             " (`probe_every=None`, a fixed `segment_length`)."
         )
-    biases = {length: relative_difference(exact, sweep(bands, parameters, cut_every=length)) for length in lengths}
+    biases = {}
+    if scored:
+        for length in lengths:
+            truncated = sweep(bands, parameters, cut_every=length, losses_from=first)
+            biases[length] = relative_difference(exact, truncated)
     last = bands[-1].start
     norms: dict[int, float] = {}
 

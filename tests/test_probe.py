@@ -41,6 +41,16 @@ def probed(tmp_path: Any, model: Any, loader: Any, segment_length: int, **kwargs
     return callback
 
 
+class SecondHalf(SequenceRegressor):
+    """Scores only the steps of the batch's second half (the probe's biases are those of that half's losses)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        start = current_segment().start
+        assert start is not None
+        return F.mse_loss(self(x), y) * float(start >= T // 2)
+
+
 @pytest.mark.parametrize(
     ("model_kwargs", "segment_length"),
     [({"cell": "lstm", "num_layers": 2}, 8), ({"cell": "gru"}, 4), ({"cell": "lstm", "proj_size": 2}, 16)],
@@ -49,10 +59,11 @@ def probed(tmp_path: Any, model: Any, loader: Any, segment_length: int, **kwargs
 def test_the_probed_bias_equals_exact_against_truncated_gradients_of_the_same_batch(
     tmp_path, model_kwargs, segment_length
 ):
-    # the probe spans the whole batch: its bias at each candidate length is, exactly, the relative difference of the
-    # gradients of `exact=True` and of `step_per="batch"` with that length, both through Lightning
+    # the probe spans the whole batch and scores its second half: its bias at each candidate length is, exactly, the
+    # relative difference of the gradients of `exact=True` and of `step_per="batch"` with that length, both through
+    # Lightning, of a model whose loss is on that half
     torch.manual_seed(0)
-    model = SequenceRegressor(**model_kwargs, log=False).double()
+    model = SecondHalf(**model_kwargs, log=False).double()
     loader = make_loader(8, num_sequences=8, length=T)
     result = probed(tmp_path, twin(model), loader, segment_length, probe_horizon=T).probe_result
     assert result is not None and result.span == T and result.segment_length == segment_length
@@ -67,6 +78,51 @@ def test_the_probed_bias_equals_exact_against_truncated_gradients_of_the_same_ba
     assert result.bias == result.biases[segment_length]
     shorter_is_worse = [result.biases[c] for c in sorted(result.biases)]
     assert shorter_is_worse == sorted(shorter_is_worse, reverse=True)
+
+
+def test_the_losses_of_the_first_half_of_the_span_do_not_count(tmp_path):
+    # a model scoring every step: the probe measures the bias of its second half's losses (equal to the model that
+    # scores only that half, same weights), not that of all its losses
+    torch.manual_seed(0)
+    model = SequenceRegressor(log=False).double()
+    half = SecondHalf(log=False).double()
+    half.load_state_dict(model.state_dict())
+    loader = make_loader(8, num_sequences=8, length=T)
+    result = probed(tmp_path, twin(model), loader, 8, probe_horizon=T).probe_result
+    assert result is not None and sorted(result.biases) == [2, 4, 8, 16]
+
+    def direct(module: Any, length: int) -> float:
+        exact = first_gradient(tmp_path, twin(module), TBPTTCallback(length, exact=True), loader)
+        return relative_difference(
+            exact, first_gradient(tmp_path, twin(module), TBPTTCallback(length, step_per="batch"), loader)
+        )
+
+    for length, bias in result.biases.items():
+        assert math.isclose(bias, direct(half, length), rel_tol=1e-8)
+        assert not math.isclose(bias, direct(model, length), rel_tol=1e-2)
+
+
+class FirstQuarter(SequenceRegressor):
+    """Scores only the first quarter of the batch: nothing in the probed span's second half."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        start = current_segment().start
+        assert start is not None
+        return F.mse_loss(self(x), y) * float(start < T // 4)
+
+
+def test_a_span_whose_second_half_scores_nothing_measures_no_bias(tmp_path):
+    torch.manual_seed(0)
+    loader = make_loader(4, num_sequences=4, length=T)
+    result = probed(tmp_path, FirstQuarter(log=False).double(), loader, 4, probe_horizon=T).probe_result
+    assert result is not None and result.biases == {} and result.bias is None and result.suggested is None
+    assert "tbptt/probe_bias" not in result.metrics() and "tbptt/probe_suggested_length" not in result.metrics()
+    # with "auto" (grid 2, 4, 8, starting at 8), nothing measured means no shorter length: it stays at the longest
+    # (biases of 0 for want of a gradient would have halved it)
+    callback = TBPTTCallback("auto", probe_every=1, min_segment_length=2, max_segment_length=8, probe_horizon=T)
+    make_trainer(tmp_path, [callback], limit_train_batches=1).fit(FirstQuarter(log=False).double(), loader)
+    assert callback.probe_result is not None and callback.probe_result.next_length == 8
 
 
 class LinearRecurrence(nn.Module):
