@@ -206,6 +206,20 @@ class History(pl.Callback):
         self.characters = state_dict["characters"]
 
 
+class Probes(pl.Callback):
+    """The results of the truncation probes of this run (``--probe``), in order."""
+
+    def __init__(self, tbptt: TBPTTCallback) -> None:
+        self.tbptt = tbptt
+        self.results: list[Any] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Keep the probe of the batch that ended, if one ran."""
+        result = self.tbptt.probe_result
+        if result is not None and (not self.results or self.results[-1] is not result):
+            self.results.append(result)
+
+
 FLAGS_KEY = "lightning_tbptt_demo_flags"
 """The key of the demo's checkpoints that holds the flags a resumed run must repeat (see :func:`resume_flags`)."""
 
@@ -347,6 +361,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tbptt.add_argument("--segment-length", type=int, default=128, help="TBPTT segment length k2; default: 128")
     tbptt.add_argument("--stride", type=int, default=None, help="overlapping windows: a window every k1 steps")
     tbptt.add_argument("--burn-in", type=int, default=0, help="steps run without gradient where a stream starts")
+    tbptt.add_argument(
+        "--probe",
+        type=int,
+        nargs="?",
+        const=32,
+        default=None,
+        metavar="EVERY",
+        help="run the truncation probe on the first batch and every EVERY-th (32 when no value is given), and report"
+        " the gradient's bias at --segment-length and the shortest length below a bias of 0.1; default: off",
+    )
     model = parser.add_argument_group("model and hardware")
     model.add_argument("--hidden-size", type=int, default=256)
     model.add_argument("--embedding-size", type=int, default=64)
@@ -407,6 +431,14 @@ def _check(args: argparse.Namespace) -> str | None:
         raise SystemExit(
             f"error: argument --burn-in: expected 0 to --batch-steps - 1 ({args.batch_steps - 1}), got {args.burn_in}"
         )
+    if args.probe is not None:
+        if args.probe < 1:
+            raise SystemExit(f"error: argument --probe: expected a positive number of batches, got {args.probe}")
+        clash = "--stride" if args.stride is not None else "--burn-in" if args.burn_in else None
+        if clash is not None:
+            raise SystemExit(
+                f"error: argument --probe: not with {clash} (the probe measures plain segments); leave one out"
+            )
     if args.held_out * 10 > args.chars:
         raise SystemExit(
             f"error: argument --held-out: expected at most a tenth of --chars ({args.chars // 10:,}), got"
@@ -544,7 +576,12 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
     )
     lane_length = (split - 1) // args.lanes  # as `LaneStream` lays out one sequence of input/target pairs
     tbptt = TBPTTCallback(
-        segment_length=args.segment_length, streaming=True, resets="starts", stride=args.stride, burn_in=args.burn_in
+        segment_length=args.segment_length,
+        streaming=True,
+        resets="starts",
+        stride=args.stride,
+        burn_in=args.burn_in,
+        probe_every=args.probe,
     )
     max_steps = end_of_batch(args.max_steps, lane_length, args.batch_steps, tbptt)
     model = CharLM(args.embedding_size, args.hidden_size, args.lr)
@@ -559,7 +596,8 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         last = args.checkpoint_dir / "last.ckpt"
         save = SaveLast(args.checkpoint_dir, resume_flags(args), resumed_step if resume == str(last) else None)
     ctrl_c = CtrlC(save)
-    callbacks: list[pl.Callback] = [tbptt, history, bar, *([save] if save else []), ctrl_c]
+    probes = Probes(tbptt)
+    callbacks: list[pl.Callback] = [tbptt, history, bar, probes, *([save] if save else []), ctrl_c]
     trainer = pl.Trainer(
         max_steps=max_steps,
         max_epochs=-1,
@@ -626,6 +664,8 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
 
     before, after = history.before, rows[-1][2]
     _report_table(say, before, rows)
+    if args.probe is not None:
+        _probe_report(say, probes.results, seconds)
     say(f"unigram entropy of the corpus: {entropy:.3f} bits per character")
     first = before if before is not None else rows[0][2]
     below = (
@@ -658,6 +698,7 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         "planned_batches": None if trained is None else trained[1],
         "peak_mib": peak_mib,
         "seconds": seconds,
+        "probes": probes.results,
     }
 
 
@@ -668,6 +709,34 @@ def _report_table(say: Any, before: float | None, rows: list[tuple[int, int, flo
         say(f"  {0:>14}  {0:>15,}  {before:>9.3f}")
     for step, characters, bpc in rows:
         say(f"  {step:>14}  {characters:>15,}  {bpc:>9.3f}")
+
+
+def _probe_report(say: Any, results: list[Any], seconds: float) -> None:
+    if not results:
+        say("\ntruncation probe: no batch was probed")
+        return
+    last = results[-1]
+    say(
+        f"\ntruncation probe: relative bias of the truncated gradient (share of the exact gradient the cuts drop),"
+        f" measured on the first {last.span} characters of a batch, tolerance {last.tolerance}:"
+    )
+    lengths = sorted(last.biases)
+    say(f"  {'optimizer step':>14}  " + "  ".join(f"{f'k={k}':>7}" for k in lengths) + f"  {'shortest':>8}  seconds")
+    for result in results:
+        biases = "  ".join(f"{result.biases[k]:>7.3f}" if k in result.biases else f"{'-':>7}" for k in lengths)
+        shortest = "none" if result.suggested is None else str(result.suggested)
+        say(f"  {result.global_step:>14}  {biases}  {shortest:>8}  {result.seconds:>7.2f}")
+    bias = "not measured" if last.bias is None else f"{last.bias:.3f}"
+    suggestion = (
+        f"the shortest segment length below {last.tolerance} is {last.suggested}"
+        if last.suggested is not None
+        else f"no length shorter than {last.span} is below {last.tolerance} (raise the horizon to look further)"
+    )
+    spent = sum(result.seconds for result in results)
+    say(
+        f"probe: at step {last.global_step}, segments of {last.segment_length} characters drop {bias} of the gradient;"
+        f" {suggestion}; {len(results)} probe(s) took {spent:.1f} s of the run's {seconds:.0f} s"
+    )
 
 
 def _stop_message(args: argparse.Namespace, ctrl_c: CtrlC) -> str:

@@ -123,6 +123,27 @@ def test_overlapping_windows_and_burn_in(capsys):
     assert result["after"] < result["before"]
 
 
+def test_the_probe_reports_the_bias_and_changes_nothing(capsys):
+    plain = run("--max-steps=12", "--val-every=3")
+    capsys.readouterr()
+    probed = run("--max-steps=12", "--val-every=3", "--probe=2")
+    out = capsys.readouterr().out
+    # batches of 64 steps, segments of 16: 3 batches, probed before batches 0 and 2 (steps 0 and 8), spans of 64
+    assert [(r.batch, r.global_step, r.span, r.segment_length) for r in probed["probes"]] == [
+        (0, 0, 64, 16),
+        (2, 8, 64, 16),
+    ]
+    assert plain["probes"] == []
+    assert probed["history"] == plain["history"]  # the probe trains nothing
+    last = probed["probes"][-1]
+    assert sorted(last.biases) == [4, 8, 16, 32] and 0 < last.bias < 1
+    assert "truncation probe: relative bias of the truncated gradient" in out
+    shortest = "none" if last.suggested is None else str(last.suggested)
+    assert f"{8:>16}  " + "  ".join(f"{last.biases[k]:>7.3f}" for k in (4, 8, 16, 32)) + f"  {shortest:>8}" in out
+    assert f"probe: at step 8, segments of 16 characters drop {last.bias:.3f} of the gradient;" in out
+    assert "2 probe(s) took" in out
+
+
 class Interrupted(Exception):
     pass
 
@@ -185,6 +206,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         ),
         (["--devices=3"], r"argument --devices: expected a number that divides --lanes \(4\)"),
         (["--resume=last"], "argument --resume: `last` needs --checkpoint-dir"),
+        (["--probe=0"], "argument --probe: expected a positive number of batches, got 0"),
+        (["--probe", "--stride=8"], r"argument --probe: not with --stride \(the probe measures plain segments\)"),
+        (["--probe=4", "--burn-in=4"], "argument --probe: not with --burn-in"),
         (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
         (["--chars=1000000000000", "--held-out=1000"], "argument --chars: the standard library at .* holds"),
     ],
