@@ -130,3 +130,26 @@ def test_lag_benchmark_runs_every_configuration():
         "exact k=1 (L/4)": 2,
         "full BPTT": 2,
     }
+
+
+@pytest.mark.slow  # a benchmark script run in a subprocess
+def test_probe_benchmark_runs_every_part():
+    tiny = ["--lag", "4", "--length", "16", "--bias-length", "32", "--horizon", "8", "--hidden-size", "8"]
+    lines = run_script(
+        "probe.py", *tiny, "--batch-size", "4", "--batches", "4", "--epochs", "1", "--warm-batches", "2",
+        "--eval-size", "8", "--probe-every", "2",
+    )  # fmt: skip
+    rows = [line.split() for line in lines if line.startswith(("copy task,", "linear recurrence"))]
+    # 2 + 2 (copy task at initialisation and trained) + 2 (two linear recurrences) models, lengths 2, 4, 8 (< 32 / 2)
+    assert len(rows) == 4 * 3
+    decay = {line.split()[0]: float(line.split()[1]) for line in lines if re.match(r"\s+0\.\d+\s+0\.\d+\s", line)}
+    assert decay.keys() == {"0.5", "0.8", "0.9", "0.95", "0.99"}
+    for a, rate in decay.items():
+        assert abs(rate - float(a)) < 1e-4
+    (auto,) = [line for line in lines if line.startswith("auto 2..16, probe_every=2")]
+    steps, seconds, accuracy, *chosen = auto.split()[3:]
+    assert float(seconds) >= 0
+    assert int(steps) > 0 and 0 <= float(accuracy) <= 1 and len(chosen) == 2  # probes before batches 0 and 2
+    assert all(length in {"2", "4", "8", "16"} for length in chosen)
+    assert any(line.startswith("probe 4k against direct: largest |probe - direct|") for line in lines)
+    assert any(line.startswith("a probe took") for line in lines)
