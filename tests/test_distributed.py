@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from lightning_tbptt.probe import ProbeSettings, next_length
 from lightning_tbptt.state import detach_state
 from tests.helpers import LR, MOMENTUM, SequenceRegressor
 
@@ -139,6 +140,7 @@ class Model(SequenceRegressor):
         self.metric = MaskedMetric(MeanSquaredError())
         self.per_batch = []
         self.counts = []  # `current_segment().count` after every backward, idle steps included
+        self.probes = []  # with "auto": (batch, length probed, suggested, length chosen) of every probe
 
     def configure_optimizers(self):
         decay = WEIGHT_DECAY if scenario == "unused" else 0.0
@@ -168,6 +170,10 @@ class Model(SequenceRegressor):
         self.before = (len(reduced), len(synced))
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
+        (tbptt,) = [c for c in self.trainer.callbacks if isinstance(c, TBPTTCallback)]
+        if tbptt.probe_result is not None:
+            probe = tbptt.probe_result
+            self.probes.append((probe.batch, probe.segment_length, probe.suggested, probe.next_length))
         gradients = len(synced) - self.before[1]
         self.per_batch.append((len(reduced) - self.before[0] - gradients, gradients))
         if scenario == "unused" and batch_idx == 0:  # gradients pending: every process gathers them
@@ -181,6 +187,7 @@ class Model(SequenceRegressor):
             "per_batch": self.per_batch,
             "metric": float(self.metric.compute()),
             "counts": self.counts,
+            "probes": self.probes,
         }
         torch.save(result, root / f"rank{self.trainer.global_rank}.pt")
 
@@ -202,7 +209,10 @@ if __name__ == "__main__":
     model = Manual().double() if step_per == "manual" else Model().double()
     windows = {"stride": 2, "burn_in": 1} if scenario == "windows" else {}
     exact = {"exact": True} if step_per == "exact" else {"step_per": "segment" if step_per == "manual" else step_per}
-    callback = TBPTTCallback(SEGMENT, lengths=2, **windows, **exact)
+    if step_per == "auto":  # every batch probed; a grid of 2, 4, 8
+        callback = TBPTTCallback("auto", lengths=2, probe_every=1, min_segment_length=2, max_segment_length=8)
+    else:
+        callback = TBPTTCallback(SEGMENT, lengths=2, **windows, **exact)
     options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
     if scenario == "unused":
         options["accumulate_grad_batches"] = 2
@@ -345,3 +355,21 @@ def test_manual_optimization_with_different_segment_counts_fails_on_every_rank_w
     assert error.count("BatchError: Expected every process to run the same number of segments") == 2  # both ranks
     assert "they run between 3 and 5" in error
     assert "manual optimization" in error
+
+
+@SLOW
+def test_auto_segment_length_is_the_longest_any_process_proposes_and_the_ranks_stay_identical(tmp_path):
+    ranks = run_ddp(tmp_path, "ddp", "auto")
+    grid = ProbeSettings(every=1, auto=True, min_length=2, max_length=8)
+    assert [len(rank["probes"]) for rank in ranks] == [2, 2]  # every batch probed
+    differed = 0
+    for probes in zip(*(rank["probes"] for rank in ranks), strict=True):
+        ((_, length),), chosen = {p[:2] for p in probes}, {p[3] for p in probes}  # the same batch and length
+        assert len(chosen) == 1  # the same length on every process
+        proposals = [next_length(length, suggested, grid) for _, _, suggested, _ in probes]
+        assert chosen == {max(proposals)}
+        differed += len(set(proposals)) > 1
+    assert differed  # (a process proposed a shorter length than it got)
+    assert ranks[0]["global_step"] == ranks[1]["global_step"]
+    for name, value in ranks[0]["parameters"].items():
+        assert torch.equal(value, ranks[1]["parameters"][name]), name
