@@ -38,12 +38,13 @@ NONFINITE_STATE_CHOICES: tuple[NonfiniteState, ...] = ("keep", "reset")
 Stage = Literal["init", "setup", "training"]
 
 
-def check_positive_int(value: Any, argument: str, example: str) -> int:
-    """Return ``value`` if it is a positive integer (not a bool), else raise naming ``argument``."""
+def check_positive_int(
+    value: Any, argument: str, example: str, what: str = "the number of time steps per segment"
+) -> int:
+    """Return ``value`` if it is a positive integer (not a bool), else raise naming ``argument`` and ``what`` it is."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigurationError(
-            f"Expected argument `{argument}` to be a positive integer but got {value!r}. Pass the number of time"
-            f" steps per segment, e.g. `{example}`."
+            f"Expected argument `{argument}` to be a positive integer but got {value!r}. Pass {what}, e.g. `{example}`."
         )
     return value
 
@@ -109,7 +110,12 @@ def _probe_settings(
                 )
         return None
     if every is not None:
-        check_positive_int(every, "probe_every", "TBPTTCallback(segment_length=64, probe_every=50)")
+        check_positive_int(
+            every,
+            "probe_every",
+            "TBPTTCallback(segment_length=64, probe_every=50)",
+            "the training batches between probes",
+        )
     if tolerance is not None and (
         isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1
     ):
@@ -119,14 +125,29 @@ def _probe_settings(
             " `probe_tolerance=0.1`."
         )
     if horizon is not None:
-        check_positive_int(horizon, "probe_horizon", "TBPTTCallback(segment_length=64, probe_horizon=256)")
-        if horizon < 2:
+        check_positive_int(
+            horizon, "probe_horizon", "TBPTTCallback(segment_length=64, probe_horizon=256)", "the time steps to probe"
+        )
+    low = (
+        8
+        if shortest is None
+        else check_positive_int(shortest, "min_segment_length", "min_segment_length=16", "a segment length")
+    )
+    high = (
+        512
+        if longest is None
+        else check_positive_int(longest, "max_segment_length", "max_segment_length=512", "a segment length")
+    )
+    if horizon is not None:
+        # the span must hold a cut of the length in use (fixed), or of the shortest length ("auto")
+        shortest_cut, named = (low, f"`min_segment_length` ({low})") if auto else (segment_length, None)
+        if isinstance(shortest_cut, int) and horizon <= shortest_cut:
+            named = named or f"`segment_length` ({segment_length})"
             raise ConfigurationError(
-                f"Expected argument `probe_horizon` to be at least 2 but got {horizon}: the probe compares segment"
-                " lengths shorter than the steps it probes. Pass e.g. 4 times the segment length."
+                f"Expected argument `probe_horizon` to be longer than {named} but got {horizon}: the probe measures"
+                f" the cuts of segments shorter than the steps it probes, so it would measure none. Pass e.g."
+                f" `probe_horizon={4 * shortest_cut}` (the default is 4 times the segment length)."
             )
-    low = 8 if shortest is None else check_positive_int(shortest, "min_segment_length", "min_segment_length=16")
-    high = 512 if longest is None else check_positive_int(longest, "max_segment_length", "max_segment_length=512")
     if auto and high < low:
         raise ConfigurationError(
             f"Expected argument `max_segment_length` to be at least `min_segment_length={low}` but got {high}."
@@ -222,7 +243,9 @@ class Settings:
         elif segment_length is not None:
             length = check_positive_int(segment_length, "segment_length", "TBPTTCallback(segment_length=64)")
         if stride is not None:
-            check_positive_int(stride, "stride", "TBPTTCallback(segment_length=64, stride=16)")
+            check_positive_int(
+                stride, "stride", "TBPTTCallback(segment_length=64, stride=16)", "the time steps between windows"
+            )
         _check_choice(
             loss_on,
             "loss_on",

@@ -418,7 +418,7 @@ class Fit:
         values = result.metrics()
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics(values, step=trainer.global_step)
+                logger.log_metrics({**values, "epoch": trainer.current_epoch}, step=trainer.global_step)
         show_in_progress_bar(trainer, {name: values[name] for name in _SHOWN if name in values})
         return plan
 
@@ -467,7 +467,8 @@ class Fit:
             seconds=timer.seconds,
         )
         if probe.auto:
-            result = replace(result, next_length=next_length(length, result.suggested, probe))
+            batch_length = bands_plan.time_length or None
+            result = replace(result, next_length=next_length(length, result.suggested, probe, batch_length))
         return result
 
     def _probe_step(self, kwargs: Any) -> Any:

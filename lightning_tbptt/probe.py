@@ -98,7 +98,7 @@ class ProbeResult:
     """The segment length in use when the probe ran (with ``"auto"``, the probed batch then trains with
     :attr:`next_length`)."""
     span: int
-    """Time steps probed (the horizon, or the batch's length if shorter)."""
+    """Time steps probed: the horizon rounded up to a whole number of bands, or the batch's length if shorter."""
     band: int
     """Time steps per band (the candidates are multiples of it)."""
     tolerance: float
@@ -325,9 +325,10 @@ def measure(
     if len(bands) > 1 and scored and not reached_any:
         raise ModelError(
             f"The truncation probe found no gradient reaching the carried state of {module} at any band boundary, so"
-            " its state cannot take a gradient (it is detached inside the module, or not floating-point) and"
-            " truncation drops nothing. Carry a state that is part of the graph, or do not probe"
-            " (`probe_every=None`, a fixed `segment_length`)."
+            " its state cannot take a gradient (it is detached inside the module, or not floating-point; or the"
+            " model passes its recurrent modules a state of its own, so that nothing is carried) and truncation"
+            " drops nothing. Carry a state that is part of the graph, or do not probe (`probe_every=None`, a fixed"
+            " `segment_length`)."
         )
     biases = {}
     if scored:
@@ -347,10 +348,12 @@ def measure(
     return biases, decay
 
 
-def next_length(current: int, suggested: int | None, settings: ProbeSettings) -> int:
+def next_length(current: int, suggested: int | None, settings: ProbeSettings, batch_length: int | None = None) -> int:
     """The ``"auto"`` segment length after a probe: towards the suggestion, at most doubling or halving.
 
-    No suggestion (no candidate shorter than the span was below the tolerance) means longer.
+    No suggestion (no candidate shorter than the span was below the tolerance) means longer. With ``batch_length``,
+    never beyond the shortest grid length that holds the whole batch (longer segments would train the same single
+    segment), which it may jump to at once.
 
     Example:
         >>> auto = ProbeSettings(every=1, auto=True, min_length=8, max_length=64)
@@ -358,11 +361,20 @@ def next_length(current: int, suggested: int | None, settings: ProbeSettings) ->
         (32, 32, 16)
         >>> next_length(64, None, auto), next_length(8, 64, auto)
         (64, 16)
+        >>> next_length(64, None, auto, batch_length=20), next_length(64, 8, auto, batch_length=20)
+        (32, 16)
 
     """
-    target = settings.longest if suggested is None else suggested
+    longest = settings.longest
+    if batch_length is not None:
+        whole = settings.min_length
+        while whole < batch_length and 2 * whole <= longest:
+            whole *= 2
+        longest = whole
+    target = longest if suggested is None else min(suggested, longest)
+    current = min(current, longest)  # (what trains does not change: one segment holds the batch either way)
     if target > current:
-        return min(2 * current, settings.longest)
+        return min(2 * current, longest)
     if target < current:
         return max(current // 2, target, settings.min_length)
     return current

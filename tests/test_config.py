@@ -233,7 +233,15 @@ INVALID = [
     ({"probe_every": 2, "probe_tolerance": 0}, r"`probe_tolerance` to be a number between 0 and 1 .* got 0"),
     ({"probe_every": 2, "probe_tolerance": 1.5}, r"`probe_tolerance` to be a number between 0 and 1 .* got 1.5"),
     ({"probe_every": 2, "probe_tolerance": True}, r"`probe_tolerance` to be a number between 0 and 1 .* got True"),
-    ({"probe_every": 2, "probe_horizon": 1}, r"`probe_horizon` to be at least 2 but got 1"),
+    ({"probe_every": 2, "probe_horizon": 8}, r"`probe_horizon` to be longer than `segment_length` \(8\) but got 8"),
+    (
+        {"segment_length": "auto", "probe_horizon": 8},
+        r"`probe_horizon` to be longer than `min_segment_length` \(8\) but got 8: .* `probe_horizon=32`",
+    ),
+    (
+        {"probe_every": 0},
+        r"Pass the training batches between probes, e.g. `TBPTTCallback\(segment_length=64, probe_every=50\)`",
+    ),
     ({"probe_tolerance": 0.2}, r"`probe_tolerance` to be set only with a probe but got 0.2 without `probe_every`"),
     ({"probe_horizon": 64}, r"`probe_horizon` to be set only with a probe"),
     ({"min_segment_length": 4}, r"`min_segment_length` to be set only with `segment_length='auto'` but got 4"),

@@ -331,8 +331,11 @@ def auto_lengths(tmp_path: Any, **kwargs: Any) -> tuple[list[int], TBPTTCallback
     callback = TBPTTCallback("auto", **kwargs)
     torch.manual_seed(0)
     model = Recorded().double()
-    make_trainer(tmp_path, [callback], max_epochs=2).fit(model, make_loader(8, num_sequences=64, length=T))
-    return trained_lengths(model), callback
+    trainer = make_trainer(tmp_path, [callback], max_epochs=2)
+    trainer.fit(model, make_loader(8, num_sequences=64, length=T))
+    lengths = trained_lengths(model)
+    assert trainer.global_step == sum(-(-T // length) for length in lengths)  # a step per segment, at every length
+    return lengths, callback
 
 
 def test_auto_moves_the_segment_length_between_batches_by_at_most_a_factor_two(tmp_path):
@@ -345,6 +348,14 @@ def test_auto_moves_the_segment_length_between_batches_by_at_most_a_factor_two(t
     assert len(set(lengths)) >= 3, lengths
     result = callback.probe_result
     assert result is not None and result.next_length == callback.current_segment_length == lengths[-1]
+
+
+def test_auto_comes_down_at_once_to_the_length_that_holds_the_batch(tmp_path):
+    # grid 8 ... 512 and batches of 32 steps: 512 and 32 both train one segment; the first probe goes to 32 (or its
+    # half, 16), not to 256
+    lengths, _ = auto_lengths(tmp_path, probe_every=4)
+    assert lengths[0] in (32, 16), lengths
+    assert max(lengths) <= 32
 
 
 def copy_loader() -> DataLoader[Any]:
