@@ -366,28 +366,31 @@ def copy_loader() -> DataLoader[Any]:
     return DataLoader(TensorDataset(F.one_hot(symbols, 4).double(), targets), batch_size=8)
 
 
-@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
 def test_resuming_auto_goes_on_with_the_length_and_the_schedule_of_the_uninterrupted_run(tmp_path):
-    # saved after the first epoch's last batch (a plain DataLoader resumes only there: it keeps no position)
-    from tests.test_resume import SavesEveryBatch
+    # saved at the end of the first epoch (a plain DataLoader keeps no position: it resumes exactly only there, and
+    # only from a checkpoint of `on_train_epoch_end`: Lightning before 2.5 runs the last batch again after one saved at
+    # that batch's end)
+    from pytorch_lightning.callbacks import ModelCheckpoint
 
     def run(ckpt_path: Any = None, saves: bool = False) -> tuple[Any, TBPTTCallback]:
         callback = TBPTTCallback("auto", min_segment_length=2, max_segment_length=16, probe_every=5)
-        callbacks: list[Any] = [callback] + ([SavesEveryBatch(tmp_path)] if saves else [])
+        saving = ModelCheckpoint(tmp_path, "{epoch}", every_n_epochs=1, save_top_k=-1) if saves else None
+        callbacks: list[Any] = [callback] + ([saving] if saving else [])
         torch.manual_seed(0)
         model = Recorded().double()
         loader = make_loader(8, num_sequences=64, length=T)
-        make_trainer(tmp_path, callbacks, max_epochs=2).fit(model, loader, ckpt_path=ckpt_path)
+        trainer = make_trainer(tmp_path, callbacks, max_epochs=2, enable_checkpointing=saves)
+        trainer.fit(model, loader, ckpt_path=ckpt_path)
         return model, callback
 
     whole, whole_callback = run(saves=True)
-    checkpoint = torch.load(tmp_path / "batch=8.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "epoch=0.ckpt", weights_only=False)
     (entry,) = [v for k, v in checkpoint["callbacks"].items() if "TBPTTCallback" in k]
     assert entry["probe"]["batches"] == 8 and entry["config"]["segment_length"] == "auto"
     lengths = trained_lengths(whole)
     assert entry["probe"]["segment_length"] == lengths[7] != 16  # (not the length "auto" starts from)
     assert len(set(lengths[8:])) > 1, "the resumed part must change its length for the test to mean anything"
-    resumed, resumed_callback = run(ckpt_path=tmp_path / "batch=8.ckpt")
+    resumed, resumed_callback = run(ckpt_path=tmp_path / "epoch=0.ckpt")
     pairs = zip(whole.state_dict().values(), resumed.state_dict().values(), strict=True)
     assert all(torch.equal(a, b) for a, b in pairs)
     assert trained_lengths(resumed) == lengths[8:]
