@@ -19,13 +19,14 @@ Example:
 """  # noqa: E501
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from lightning_tbptt.errors import ConfigurationError, ModelError, TBPTTError
 from lightning_tbptt.fields import FieldLocation, FieldSpec
 from lightning_tbptt.probe import ProbeSettings
+from lightning_tbptt.protocol import StateSpec
 from lightning_tbptt.schedule import STEP_PER_CHOICES, StepPer
 from lightning_tbptt.windows import LOSS_ON_CHOICES, Geometry, LossOn
 
@@ -58,10 +59,23 @@ def _check_bool(value: Any, argument: str) -> bool:
 def _check_names(value: Any, argument: str) -> tuple[str, ...]:
     if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
         return tuple(value)
+    mapping = " or a mapping of names to state specs" if argument == "recurrent_modules" else ""
     raise ConfigurationError(
-        f"Expected argument `{argument}` to be a list of submodule names but got {value!r}. Pass e.g."
+        f"Expected argument `{argument}` to be a list of submodule names{mapping} but got {value!r}. Pass e.g."
         f" `{argument}=['encoder.cell']`."
     )
+
+
+def _check_specs(value: Any) -> tuple[tuple[str, ...], tuple[tuple[str, StateSpec], ...]]:
+    """The names of ``recurrent_modules`` and the state spec given for each (a mapping of names to specs)."""
+    if isinstance(value, Mapping):
+        if not all(isinstance(name, str) for name in value):
+            raise ConfigurationError(
+                f"Expected the keys of `recurrent_modules` to be submodule names but got {list(value)!r}. Pass e.g."
+                " `recurrent_modules={'encoder.layer': 'initial_state -> 1'}`."
+            )
+        return tuple(value), tuple((name, StateSpec.parse(spec, name)) for name, spec in value.items())
+    return _check_names(value, "recurrent_modules"), ()
 
 
 def _check_choice(value: Any, argument: str, choices: tuple[str, ...], hint: str) -> Any:
@@ -192,6 +206,8 @@ class Settings:
     log_every: LogEvery = "step"
     nonfinite_state: NonfiniteState = "keep"
     recurrent_modules: tuple[str, ...] = ()
+    state_specs: tuple[tuple[str, StateSpec], ...] = ()
+    """The state specs given in ``recurrent_modules`` (name, spec); the other modules follow the defaults."""
     exclude_modules: tuple[str, ...] = ()
     probe: ProbeSettings | None = None
     """The truncation probe (and ``segment_length="auto"``), or ``None``."""
@@ -209,7 +225,7 @@ class Settings:
         time_dim: int = 1,
         step_per: StepPer | None = None,
         exact: bool = False,
-        recurrent_modules: Sequence[str] = (),
+        recurrent_modules: Sequence[str] | Mapping[str, StateSpec | str | Mapping[str, Any]] = (),
         exclude_modules: Sequence[str] = (),
         lengths: FieldSpec | None = None,
         drop_finished: bool = False,
@@ -293,7 +309,7 @@ class Settings:
                 "Use 'segment' to move one segment at a time to the device or 'batch' to let Lightning move whole"
                 " batches.",
             )
-        recurrent = _check_names(recurrent_modules, "recurrent_modules")
+        recurrent, specs = _check_specs(recurrent_modules)
         excluded = _check_names(exclude_modules, "exclude_modules")
         drop = _check_bool(drop_finished, "drop_finished")
         settings = cls(
@@ -312,6 +328,7 @@ class Settings:
             log_every=log_every,
             nonfinite_state=nonfinite_state,
             recurrent_modules=recurrent,
+            state_specs=specs,
             exclude_modules=excluded,
             probe=probe,
         )

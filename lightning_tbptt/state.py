@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_tbptt.errors import ModelError
+from lightning_tbptt.protocol import StateSpec, resolved, state_parameter
 
 
 def detach_state(state: Any) -> Any:
@@ -192,23 +193,20 @@ def _input_argument(module: nn.Module) -> str:
     return parameters[0] if parameters else "input"
 
 
-def _state_argument(name: str, module: nn.Module) -> str:
-    """Return the name of the parameter through which ``module.forward`` takes its state (the second one)."""
-    if isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
-        return "hx"
-    parameters = [
-        p
-        for p in inspect.signature(module.forward).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
-    if len(parameters) < 2:
-        raise ModelError(
-            f"Expected the module `{name}` ({type(module).__name__}) named in `recurrent_modules` to take its state"
-            f" as second argument, `forward(input, state=None) -> (output, new_state)`, but got"
-            f" `forward{inspect.signature(module.forward)}`. Give its forward a state argument or remove it from"
-            " `recurrent_modules`."
-        )
-    return parameters[1].name
+def default_spec(module: nn.Module, given: StateSpec | None = None) -> StateSpec:
+    """The state spec of ``module``: ``given``, or what ``torch.nn``'s RNNs and cells follow, or the custom default.
+
+    ``nn.LSTM``/``nn.GRU``/``nn.RNN``: ``forward(input, hx) -> (output, h_n)``, the rows along dimension 1 of the state.
+    Cells: ``forward(input, hx) -> h'`` (the whole returned value is the state), the rows along dimension 0. A custom
+    module: ``forward(input, state=None) -> (output, new_state)``.
+    """
+    if given is not None:
+        return given
+    if isinstance(module, nn.RNNBase):
+        return StateSpec(batch_dim=1, time_dim=1 if module.batch_first else 0)
+    if isinstance(module, nn.RNNCellBase):
+        return StateSpec(state_out=(), output=None, batch_dim=0)
+    return StateSpec()
 
 
 class CarriedState:
@@ -279,9 +277,13 @@ class StateCarrier:
         time_dim: int = 1,
         reset_nonfinite: bool = False,
         alive: Callable[[], bool] | None = None,
+        specs: Mapping[str, StateSpec] | None = None,
     ) -> None:
         self.modules = dict(modules)
         """The carried modules, by name."""
+        given = {_plain_name(name): spec for name, spec in (specs or {}).items()}
+        self.specs = {name: default_spec(module, given.get(name)) for name, module in modules.items()}
+        """Where each module takes and returns its state (:class:`~lightning_tbptt.protocol.StateSpec`)."""
         self.time_dim = time_dim
         self.reset_nonfinite = reset_nonfinite
         self._alive = alive
@@ -297,16 +299,14 @@ class StateCarrier:
         self._length = 0
         self._splits: _Splits | None = None
         self._handles: list[RemovableHandle] = []
-        arguments = {name: _state_argument(name, module) for name, module in modules.items()}  # may raise: no hook yet
+        # may raise: no hook yet
+        arguments = {name: state_parameter(name, module, self.specs[name]) for name, module in modules.items()}
+        self.specs = {name: resolved(modules[name], spec) for name, spec in self.specs.items()}
         self._cells = {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
-        self._batch_dims = {
-            name: 1 if isinstance(module, nn.RNNBase) else 0 if name in self._cells else None
-            for name, module in modules.items()
-        }
+        self._batch_dims = {name: spec.batch_dim for name, spec in self.specs.items()}
         self._input_names = {name: _input_argument(module) for name, module in modules.items()}
         self._time_dims = {
-            name: (1 if module.batch_first else 0) if isinstance(module, nn.RNNBase) else time_dim
-            for name, module in modules.items()
+            name: time_dim if spec.time_dim is None else spec.time_dim for name, spec in self.specs.items()
         }
         try:
             for name, module in modules.items():
@@ -412,7 +412,8 @@ class StateCarrier:
             self._captured.clear()
         bad_rows = None
         for name, state in self._pending.items():
-            detached = detach_state(state)
+            detach = self.specs[name].detach or detach_state
+            detached = detach(state)
             if self.reset_nonfinite:
                 detached, bad = self._reset_nonfinite_rows(name, detached, batch_size)
                 bad_rows = bad if bad_rows is None else bad_rows | bad
@@ -464,7 +465,11 @@ class StateCarrier:
             if held is not None and torch.equal(held, rows):
                 continue
             positions = rows if held is None else torch.searchsorted(held, rows)
-            stream.carried[name] = apply_to_collection(state, Tensor, self._select, name, positions, count)
+            select = self.specs[name].select_rows
+            if select is not None:
+                stream.carried[name] = select(state, positions)
+            else:
+                stream.carried[name] = apply_to_collection(state, Tensor, self._select, name, positions, count)
             stream.rows[name] = (rows, rows.numel())
 
     def _select(self, tensor: Tensor, name: str, positions: Tensor, count: int) -> Tensor:
@@ -484,19 +489,32 @@ class StateCarrier:
             raise ModelError(
                 f"Cannot select rows of the state of `{name}`: expected exactly one dimension of its state tensors to"
                 f" hold the {count} sequences but found {found} of that size in shape {tuple(tensor.shape)}, so the"
-                f" rows cannot be told apart. Give the state's other dimensions sizes other than {count} (e.g. another"
-                " hidden size or number of rows), or use this model without `drop_finished` and `resets`."
+                f" rows cannot be told apart. Declare the dimension that holds the rows in the module's state spec"
+                f" (`TBPTTCallback(recurrent_modules={{{name!r}: {{'state_in': ..., 'batch_dim': 1}}}})`), give the"
+                f" state's other dimensions sizes other than {count}, or use this model without `drop_finished` and"
+                " `resets`."
             )
         return dims[0]
 
+    def zero_rows(self, name: str, state: Any, rows: Tensor) -> Any:
+        """``state``, a state of the module ``name``, with the rows marked in the boolean ``(B,)`` ``rows`` zeroed."""
+        return self._zero_rows(name, state, rows)
+
     def _zero_rows(self, name: str, state: Any, rows: Tensor) -> Any:
-        """Return ``state`` with the rows marked in the boolean ``rows`` set to zero (no gradient flows through)."""
+        """Return ``state`` with the rows marked in the boolean ``rows`` set to zero (no gradient flows through).
+
+        Tensors keep their dtype (a boolean tensor's rows become ``False``); a spec's ``zero_rows`` replaces this.
+        """
+        custom = self.specs[name].zero_rows
+        if custom is not None:
+            return custom(state, rows)
 
         def zero(tensor: Tensor) -> Tensor:
             dim = self._row_dim(name, tensor, rows.numel())
             shape = [1] * tensor.dim()
             shape[dim] = rows.numel()
-            return torch.where(rows.to(tensor.device, non_blocking=True).view(shape), 0.0, tensor)
+            nothing = torch.zeros((), dtype=tensor.dtype, device=tensor.device)
+            return torch.where(rows.to(tensor.device, non_blocking=True).view(shape), nothing, tensor)
 
         return apply_to_collection(state, Tensor, zero)
 
@@ -523,13 +541,14 @@ class StateCarrier:
         return bool(self._handles)
 
     def _inject(
-        self, name: str, argument: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, name: str, argument: str | None, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if not self._active:
             if self._alive is not None and not self._alive():
                 self.remove()
             return None
-        explicit = args[1] if len(args) >= 2 else kwargs.get(argument)
+        spec = self.specs[name]
+        explicit = spec.takes_state(args, kwargs, argument)
         call = self._calls.get(name, 0)
         if call == 0:
             self._fed_carried[name] = self._fed_carried.get(name, False) or explicit is None
@@ -548,14 +567,12 @@ class StateCarrier:
             args, kwargs, state = self._run_pieces(name, module, args, kwargs, argument, state, splits)
         if state is None:
             return None
-        if len(args) >= 2:
-            return (args[0], state, *args[2:]), kwargs
-        return args, {**kwargs, argument: state}
+        return spec.give_state(args, kwargs, argument, state)
 
     def _inject_cell(
         self,
         name: str,
-        argument: str,
+        argument: str | None,
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
@@ -578,9 +595,7 @@ class StateCarrier:
                 state = self._zero_rows(name, state, marked)  # a new sequence starts at this step
         if state is None or state is explicit:
             return None
-        if len(args) >= 2:
-            return (args[0], state, *args[2:]), kwargs
-        return args, {**kwargs, argument: state}
+        return self.specs[name].give_state(args, kwargs, argument, state)
 
     def _check_rnn_input(self, name: str, module: nn.RNNBase, inputs: Tensor, state: Any) -> None:
         """Refuse an input laid out against the cut (time along the batch's rows), or with other rows than the state."""
@@ -624,7 +639,7 @@ class StateCarrier:
         module: nn.Module,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
-        argument: str,
+        argument: str | None,
         state: Any,
         splits: _Splits,
     ) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
@@ -635,6 +650,7 @@ class StateCarrier:
         :meth:`_capture`. Every other argument that has the segment's time steps (e.g. a per-step mask) is cut into
         the same pieces.
         """
+        spec = self.specs[name]
         by_keyword = not args
         input_name = self._input_names[name]
         inputs = kwargs.get(input_name) if by_keyword else args[0]
@@ -648,39 +664,45 @@ class StateCarrier:
                 " module on the segment's time steps (padded, not packed), or start new sequences only at batch"
                 " boundaries and do not set `stride`."
             )
-        extra_args = args[2:]
-        extra_kwargs = {key: value for key, value in kwargs.items() if key not in (input_name, argument)}
+        if spec.output is None:
+            raise ModelError(
+                f"Cannot split the call of `{name}` ({type(module).__name__}) inside a segment (where a sequence starts"
+                " anew, or with `stride` where the next window starts): its state spec gives no `output`, so the"
+                " outputs of the pieces cannot be joined. Give the spec the path of the sequence output in what"
+                " the module returns, or start new sequences only at batch boundaries and do not set `stride`."
+            )
+        state_key = spec.state_in if isinstance(spec.state_in, str) else argument
+        rest = {
+            key: value for key, value in kwargs.items() if key != state_key and not (by_keyword and key == input_name)
+        }
 
         def cut(value: Any, start: int, stop: int) -> Any:
             if isinstance(value, Tensor) and value.dim() > time_dim and value.shape[time_dim] == splits.length:
                 return value.narrow(time_dim, start, stop - start)
             return value
 
-        def piece(start: int, stop: int) -> tuple[Tensor, list[Any], dict[str, Any]]:
-            return (
-                cut(inputs, start, stop),
-                [cut(value, start, stop) for value in extra_args],
-                {key: cut(value, start, stop) for key, value in extra_kwargs.items()},
-            )
+        def piece(start: int, stop: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+            """The call's arguments for steps ``start`` to ``stop``, its state left out (a positional slot kept)."""
+            piece_kwargs = {key: cut(value, start, stop) for key, value in rest.items()}
+            if by_keyword:
+                return (), {input_name: cut(inputs, start, stop), **piece_kwargs}
+            return (cut(inputs, start, stop), *(cut(value, start, stop) for value in args[1:])), piece_kwargs
 
         outputs: list[Tensor] = []
         start = 0
         for stop, rows, carried in splits.cuts:
-            piece_input, piece_args, piece_kwargs = piece(start, stop)
-            output, state = module.forward(piece_input, state, *piece_args, **piece_kwargs)
-            outputs.append(output)
+            piece_args, piece_kwargs = spec.give_state(*piece(start, stop), argument, state)
+            returned = module.forward(*piece_args, **piece_kwargs)
+            outputs.append(spec.output_of(returned, name))
+            state = spec.state_of(returned, name)
             if carried:
                 self._captured[name] = state
             if rows is not None:
                 state = self._zero_rows(name, state, rows)
             start = stop
         self._pieces[name] = (outputs, time_dim)
-        last_input, last_args, last_kwargs = piece(start, splits.length)
-        if by_keyword:
-            return (), {input_name: last_input, **last_kwargs}, state
-        if len(args) >= 2:  # the state was given positionally (as None): it stays there
-            return (last_input, None, *last_args), last_kwargs, state
-        return (last_input,), last_kwargs, state
+        last_args, last_kwargs = piece(start, splits.length)
+        return last_args, last_kwargs, state
 
     def _capture(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
         if not self._active:
@@ -694,14 +716,18 @@ class StateCarrier:
                 self._captured[name] = output  # the next window starts here: carry the state after this step
             return None
         self._calls[name] = self._calls.get(name, 0) + 1
-        if not isinstance(output, tuple) or len(output) != 2:
+        spec = self.specs[name]
+        if spec.state_out == (1,) and spec.output == (0,) and (not isinstance(output, tuple) or len(output) != 2):
             raise ModelError(
                 f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"
-                f" got {type(output).__name__}. Return a pair from its forward, or remove {name!r} from"
-                " `TBPTTCallback(recurrent_modules=...)`."
+                f" got {type(output).__name__}. Return a pair from its forward, say where its state is"
+                f" (`TBPTTCallback(recurrent_modules={{{name!r}: 'IN -> OUT'}})`, see `StateSpec`), or remove"
+                f" {name!r} from `TBPTTCallback(recurrent_modules=...)`."
             )
-        self._pending[name] = self._captured.pop(name, output[1])
+        self._pending[name] = self._captured.pop(name, spec.state_of(output, name))
+        if spec.output is not None and name not in self._pieces:
+            spec.output_of(output, name)  # (a wrong path found at the first call, not at the first split)
         if name in self._pieces:
             outputs, time_dim = self._pieces.pop(name)
-            return (torch.cat([*outputs, output[0]], dim=time_dim), output[1])
+            return spec.with_output(output, torch.cat([*outputs, spec.output_of(output, name)], dim=time_dim))
         return None

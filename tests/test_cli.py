@@ -179,3 +179,27 @@ def test_init_arg_value_outside_its_type_is_a_parser_error(tmp_path, capsys):
     assert 'Parser key "step_per"' in error
     # before jsonargparse 4.43 the reason reads "Cannot take a Union of no types."
     assert any(reason in error for reason in ("Got value: sequence", "Given value: sequence", "Union of no types"))
+
+
+SPEC_CALLBACK = """
+  callbacks:
+    - class_path: lightning_tbptt.TBPTTCallback
+      init_args:
+        segment_length: {segment_length}
+        step_per: {step_per}
+        lengths: {lengths}
+        recurrent_modules: {recurrent_modules}
+"""
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['{rnn: "hx -> 1"}', "{rnn: {state_in: hx, state_out: 1, batch_dim: 1}}"],
+    ids=["string", "mapping"],
+)
+def test_state_specs_parse_from_yaml_and_train(tmp_path, value):
+    cli = run_cli(write_config(tmp_path, callback=SPEC_CALLBACK, recurrent_modules=value))
+    callback = tbptt_callback(cli)
+    (spec,) = callback.recurrent_modules.values()
+    assert (spec.state_in, spec.state_out) == ("hx", (1,))
+    assert cli.trainer.global_step == BATCHES * SEGMENTS
