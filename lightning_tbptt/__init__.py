@@ -7,7 +7,9 @@ from lightning_tbptt.data import LaneDataModule, LaneStream
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError, NoSegmentError, TBPTTError
 from lightning_tbptt.loss import masked_mean
 from lightning_tbptt.metric import MaskedMetric
+from lightning_tbptt.protocol import StateSpec
 from lightning_tbptt.segment import Segment, current_segment
+from lightning_tbptt.stepper import Stepper
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,8 @@ __all__ = [
     "ModelError",
     "NoSegmentError",
     "Segment",
+    "StateSpec",
+    "Stepper",
     "TBPTTCallback",
     "TBPTTError",
     "__version__",

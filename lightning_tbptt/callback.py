@@ -5,22 +5,26 @@ hook delegates to the :class:`~lightning_tbptt.fit.Fit` created in ``setup`` and
 record of where training stands stays, for a checkpoint saved after the fit).
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
+import torch
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_tbptt.checkpoint import CheckpointRecord
+from lightning_tbptt.checkpoint import CheckpointRecord, check_carried
 from lightning_tbptt.config import LogEvery, NonfiniteState, Settings, Transfer
 from lightning_tbptt.errors import ConfigurationError
 from lightning_tbptt.fields import FieldSpec
 from lightning_tbptt.fit import Fit, gather_facts, refuse_for
 from lightning_tbptt.namespaces import CallbackBase
 from lightning_tbptt.probe import ProbeResult
+from lightning_tbptt.protocol import StateSpec
 from lightning_tbptt.schedule import StepPer
 from lightning_tbptt.split import split_batch
-from lightning_tbptt.streams import EVAL
+from lightning_tbptt.state import detach_state
+from lightning_tbptt.streams import EVAL, TRAIN
 from lightning_tbptt.windows import LossOn, training_windows
 
 
@@ -53,7 +57,11 @@ class TBPTTCallback(CallbackBase):
             forward per segment. Refused with ``stride``, ``burn_in``, ``step_per="segment"``, manual optimization and
             Lightning 1.x ``hiddens``.
         recurrent_modules: Names (as in ``model.named_modules()``) of custom recurrent modules whose state is
-            carried too; they must follow ``forward(input, state=None) -> (output, new_state)``.
+            carried too; they must follow ``forward(input, state=None) -> (output, new_state)``. Or a mapping of names
+            to state specs, for modules that take or return their state elsewhere: a
+            :class:`~lightning_tbptt.protocol.StateSpec`, a string ``"IN -> OUT"`` (``{"layer": "initial_state ->
+            1"}``) or a mapping of its fields (``{"xl": {"state_in": "mems", "state_out": "mems", "output":
+            "hidden", "batch_dim": 1}}``); see :mod:`lightning_tbptt.protocol`.
         exclude_modules: Names of modules whose state must not be carried (they start from zeros in every segment).
         lengths: Where batches carry the lengths of their padded sequences: a key, an index, a path of those, or a
             callable (see :mod:`lightning_tbptt.fields`). Segments then carry their own lengths in that place,
@@ -142,7 +150,7 @@ class TBPTTCallback(CallbackBase):
         time_dim: int = 1,
         step_per: StepPer | None = None,
         exact: bool = False,
-        recurrent_modules: Sequence[str] = (),
+        recurrent_modules: Sequence[str] | Mapping[str, StateSpec | str | Mapping[str, Any]] = (),
         exclude_modules: Sequence[str] = (),
         lengths: FieldSpec | None = None,
         drop_finished: bool = False,
@@ -189,6 +197,8 @@ class TBPTTCallback(CallbackBase):
         self.lengths = lengths
         self.resets = resets
         self._fit: Fit | None = None
+        self._trained: dict[str, Any] = {}  # the training stream's state at the end of the last fit
+        self._evaluate_from: str | Mapping[str, Any] | None = None
 
     # the arguments, as given (read-only: a changed setting would not be checked)
     segment_length = property(lambda self: "auto" if self.settings.auto else self.settings.geometry.segment_length)
@@ -204,7 +214,9 @@ class TBPTTCallback(CallbackBase):
     transfer = property(lambda self: self.settings.transfer)
     log_every = property(lambda self: self.settings.log_every)
     nonfinite_state = property(lambda self: self.settings.nonfinite_state)
-    recurrent_modules = property(lambda self: self.settings.recurrent_modules)
+    recurrent_modules = property(
+        lambda self: dict(self.settings.state_specs) if self.settings.state_specs else self.settings.recurrent_modules
+    )
     exclude_modules = property(lambda self: self.settings.exclude_modules)
 
     probe_every = property(lambda self: None if self.settings.probe is None else self.settings.probe.every)
@@ -290,7 +302,108 @@ class TBPTTCallback(CallbackBase):
     def release(self) -> None:
         """Remove every patch and hook of the running fit (safe to call more than once)."""
         if self._fit is not None:
+            if self._fit.training and self._fit.active:
+                self._trained = detach_state(dict(self._fit.streams[TRAIN].state.carried))
             self._fit.remove()
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # The carried state, read and set from outside
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def carried_state(self) -> dict[str, Any]:
+        """The recurrent state the training stream carries into its next segment: module name -> state (detached).
+
+        During a fit, the live state (between batches: what the next batch starts from, with ``streaming=True``);
+        after a fit, the state its last segment ended with; empty before any fit. The tensors are the carried ones:
+        copy them to keep them past the next segment.
+        """
+        fit = self._active()
+        if fit is not None and fit.training:
+            return dict(fit.streams[TRAIN].state.carried)
+        return dict(self._trained)
+
+    def reset_state(self, lanes: Sequence[int] | Tensor | None = None) -> None:
+        """Start the training stream anew: every lane (``None``), or the lanes (rows) listed, from zeros.
+
+        Call it between batches of a fit (e.g. from a callback's ``on_train_batch_start``, or the module's); with
+        ``streaming=True`` the next batch starts from the state it leaves. A checkpoint saved afterwards holds it.
+
+        Raises:
+            ConfigurationError: Outside a fit, or with a lane that the stream does not have.
+
+        """
+        fit = self._training("reset_state")
+        if lanes is None:
+            fit.streams[TRAIN].state.clear()
+            return
+        count = fit.streams[TRAIN].lanes or 0
+        picked = torch.as_tensor(lanes, dtype=torch.long).flatten()
+        if count == 0 or picked.numel() == 0 or int(picked.min()) < 0 or int(picked.max()) >= count:
+            raise ConfigurationError(
+                f"Expected `lanes` to list rows of the training stream, 0 to {count - 1}, but got {picked.tolist()}."
+                " Pass the lanes to start anew (after the first batch, which sets the number of lanes), or None for"
+                " every lane."
+            )
+        mask = torch.zeros(count, dtype=torch.bool)
+        mask[picked] = True
+        fit.zero_lanes(mask)
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        """Carry ``state`` (module name -> state) into the training stream's next segment.
+
+        The form is what :meth:`carried_state` returns; it replaces what the stream carries, and modules left out
+        keep theirs.
+
+        Raises:
+            ConfigurationError: Outside a fit, or for a module the callback does not carry, or a ``torch.nn`` RNN
+                state of the wrong form.
+
+        """
+        fit = self._training("set_state")
+        modules = fit.carrier.modules
+        unknown = sorted(set(state) - set(modules))
+        if unknown:
+            raise ConfigurationError(
+                f"Expected `set_state` to get the states of carried modules, {sorted(modules)}, but got {unknown}."
+                " Pass the states of those modules (as `carried_state()` returns them)."
+            )
+        check_carried(state, modules)
+        carried = fit.streams[TRAIN].state
+        for name, value in state.items():
+            carried.carried[name] = detach_state(value)
+            carried.rows[name] = (None, 0)
+
+    def evaluate_from(self, state: Literal["train"] | Mapping[str, Any] | None) -> None:
+        """Start every later evaluation run (``validate``, ``test``, ``predict``) from a state rather than zeros.
+
+        ``"train"``: the training stream's state (see :meth:`carried_state`), as it is when the run starts; a mapping
+        of module names to states; ``None``: zeros again. Each evaluation dataloader starts from it. Needs
+        ``streaming=True`` (the state continues lanes: the evaluation batches must have the rows the state has).
+
+        Raises:
+            ConfigurationError: Without ``streaming=True``, or for another value.
+
+        """
+        if not self.streaming:
+            raise ConfigurationError(
+                "Expected `TBPTTCallback(streaming=True)` for `evaluate_from`: without streaming every evaluation batch"
+                " starts from zeros, so no state could be continued. Pass `streaming=True` (lanes) to continue one."
+            )
+        if not (state is None or state == "train" or isinstance(state, Mapping)):
+            raise ConfigurationError(
+                f"Expected `evaluate_from` to get 'train', a mapping of module names to states, or None but got"
+                f" {state!r}."
+            )
+        self._evaluate_from = state
+
+    def _training(self, method: str) -> Fit:
+        fit = self._active()
+        if fit is None or not fit.training:
+            raise ConfigurationError(
+                f"`TBPTTCallback.{method}` works on the training stream of a running fit: call it between batches"
+                " (e.g. from `on_train_batch_start`). To start an evaluation from a state, use `evaluate_from`."
+            )
+        return fit
 
     # ----------------------------------------------------------------------------------------------------------------
     # Lightning hooks: each delegates to the fit
@@ -357,6 +470,9 @@ class TBPTTCallback(CallbackBase):
 
     def _reset_evaluation(self) -> None:
         if (fit := self._active()) is not None:
+            given = self._evaluate_from
+            start = self.carried_state() if isinstance(given, str) else None if given is None else dict(given)
+            fit.streams[EVAL].start = None if start is None else detach_state(start)
             fit.reset_stream(EVAL)
 
     @override

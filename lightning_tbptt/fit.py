@@ -261,8 +261,17 @@ class Fit:
                 reset_nonfinite=settings.nonfinite_state == "reset",
                 # hooks left behind by a fit that failed where no hook of ours ran remove themselves when next called
                 alive=lambda: trainer.state.status == "running",
+                specs=dict(settings.state_specs),
             )
         return self._carrier
+
+    def zero_lanes(self, lanes: Tensor) -> None:
+        """Start the lanes marked in the boolean ``(B,)`` ``lanes`` of the training stream anew (their state zeroed)."""
+        state = self.streams[TRAIN].state
+        for name, carried in list(state.carried.items()):
+            held, _ = state.rows.get(name, (None, 0))
+            rows = lanes if held is None else lanes[held]
+            state.carried[name] = self.carrier.zero_rows(name, carried, rows.to(torch.bool))
 
     def reset_stream(self, name: str) -> None:
         """The stream ``name`` starts from zeros."""

@@ -36,10 +36,15 @@ class Stream:
     """Whether ``lanes`` and the state come from a checkpoint (a mismatch then means other data, not a bug)."""
     dataloader: int | None = None
     """The evaluation dataloader the state belongs to."""
+    start: dict[str, Any] | None = None
+    """The state the stream starts from instead of zeros (module name -> state); ``None``: zeros."""
 
     def reset(self) -> None:
-        """Start from zeros: no state, no lanes."""
+        """Start anew: from :attr:`start` (zeros without it), no lanes."""
         self.state.clear()
+        if self.start:
+            self.state.carried.update(self.start)
+            self.state.rows.update({name: (None, 0) for name in self.start})
         self.lanes = None
         self.unfinished = None
         self.restored = False
@@ -98,7 +103,7 @@ class Stream:
         self.unfinished = None if unfinished is None else unfinished.cpu().bool()
 
     def enter_dataloader(self, dataloader: int) -> None:
-        """An evaluation batch of ``dataloader``: a new dataloader streams from zeros."""
+        """An evaluation batch of ``dataloader``: a new dataloader streams from zeros (or :attr:`start`)."""
         if dataloader != self.dataloader:
             self.reset()
             self.dataloader = dataloader
