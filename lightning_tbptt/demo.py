@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tbptt import LaneDataModule, TBPTTCallback
+from lightning_tbptt import LaneDataModule, Stepper, TBPTTCallback
 
 VOCAB = 256  # the corpus is read as bytes
 
@@ -93,10 +93,15 @@ class CharLM(pl.LightningModule):
         self.lstm = nn.LSTM(embedding_size, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, VOCAB)
 
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The logits of the next character after each of ``tokens`` ``(B, T)``."""
+        out, _ = self.lstm(self.embed(tokens.long()))
+        logits: torch.Tensor = self.head(out)
+        return logits
+
     def bits_per_char(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy of the next character, in bits."""
-        out, _ = self.lstm(self.embed(batch["input"].long()))
-        logits = self.head(out)
+        logits = self(batch["input"])
         return F.cross_entropy(logits.flatten(0, 1), batch["target"].long().flatten()) / math.log(2)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -382,6 +387,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     model.add_argument("--seed", type=int, default=0)
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument(
+        "--sample", type=int, default=0, help="characters to generate from the model after training; default: 0"
+    )
+    sampling.add_argument("--prompt", default="def", help="what the generated text continues; default: def")
+    sampling.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; default: 0.8")
     checkpoints = parser.add_argument_group("checkpoints")
     checkpoints.add_argument("--checkpoint-dir", type=Path, default=None, help="save checkpoints (last.ckpt) here")
     checkpoints.add_argument("--resume", default=None, help="a checkpoint to resume from, or `last` (--checkpoint-dir)")
@@ -431,6 +442,12 @@ def _check(args: argparse.Namespace) -> str | None:
         raise SystemExit(
             f"error: argument --burn-in: expected 0 to --batch-steps - 1 ({args.batch_steps - 1}), got {args.burn_in}"
         )
+    if args.sample < 0:
+        raise SystemExit(f"error: argument --sample: expected a number of characters >= 0, got {args.sample}")
+    if not args.temperature > 0:
+        raise SystemExit(f"error: argument --temperature: expected a positive temperature, got {args.temperature}")
+    if args.sample and not args.prompt:
+        raise SystemExit("error: argument --prompt: expected at least one character for the model to continue")
     if args.probe is not None:
         if args.probe < 1:
             raise SystemExit(f"error: argument --probe: expected a positive number of batches, got {args.probe}")
@@ -687,6 +704,11 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
             f"checkpoint: {args.checkpoint_dir / 'last.ckpt'} (step {trainer.global_step}); go on with --resume last"
             " and a larger --max-steps"
         )
+    text = None
+    if args.sample:
+        text = sample(model, args.prompt, args.sample, args.temperature, args.seed)
+        say(f"\nsample: {args.sample} characters after {args.prompt!r}, temperature {args.temperature}:")
+        say(args.prompt + text)
     trained = bar.trained_batches()
     return {
         "before": before,
@@ -699,7 +721,33 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         "peak_mib": peak_mib,
         "seconds": seconds,
         "probes": probes.results,
+        "sample": text,
     }
+
+
+def sample(model: CharLM, prompt: str, count: int, temperature: float, seed: int) -> str:
+    """``count`` characters generated after ``prompt``, one at a time, the LSTM's state carried by a ``Stepper``.
+
+    The model is called on the prompt, then on each sampled character alone (its ``forward`` takes no state); the
+    characters are drawn from the softmax of the logits divided by ``temperature``, from a generator seeded with
+    ``seed``. Bytes that do not decode as UTF-8 are shown as U+FFFD.
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    tokens = torch.tensor([list(prompt.encode())], device=device)
+    drawn: list[int] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), Stepper(model) as step:
+            logits = step(tokens)[:, -1]
+            for _ in range(count):
+                token = torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)
+                drawn.append(int(token))
+                logits = step(token)[:, -1]
+    finally:
+        model.train(was_training)
+    return bytes(drawn).decode("utf-8", errors="replace")
 
 
 def _report_table(say: Any, before: float | None, rows: list[tuple[int, int, float]]) -> None:

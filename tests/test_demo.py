@@ -123,6 +123,31 @@ def test_overlapping_windows_and_burn_in(capsys):
     assert result["after"] < result["before"]
 
 
+def test_sampling_equals_the_hand_written_step_loop():
+    torch.manual_seed(0)
+    model = demo.CharLM(embedding_size=8, hidden_size=16)
+    text = demo.sample(model, "def", 30, 0.8, seed=3)
+    generator = torch.Generator().manual_seed(3)
+    drawn = []
+    with torch.no_grad():
+        out, state = model.lstm(model.embed(torch.tensor([list(b"def")])))
+        logits = model.head(out)[:, -1]
+        for _ in range(30):
+            token = torch.multinomial(torch.softmax(logits / 0.8, -1), 1, generator=generator)
+            drawn.append(int(token))
+            out, state = model.lstm(model.embed(token), state)
+            logits = model.head(out)[:, -1]
+    assert text == bytes(drawn).decode("utf-8", errors="replace")
+    assert model.training and not model.lstm._forward_hooks  # left as it was
+
+
+def test_a_run_prints_a_sample_of_the_trained_model(capsys):
+    result = run("--max-steps=8", "--val-every=2", "--sample=25", "--prompt=import ")
+    out = capsys.readouterr().out
+    assert "sample: 25 characters after 'import ', temperature 0.8:" in out
+    assert ("import " + result["sample"]) in out and len(result["sample"].encode("utf-8", "replace")) >= 25 - 3
+
+
 def test_the_probe_reports_the_bias_and_changes_nothing(capsys):
     plain = run("--max-steps=12", "--val-every=3")
     capsys.readouterr()
@@ -207,6 +232,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         (["--devices=3"], r"argument --devices: expected a number that divides --lanes \(4\)"),
         (["--resume=last"], "argument --resume: `last` needs --checkpoint-dir"),
         (["--probe=0"], "argument --probe: expected a positive number of batches, got 0"),
+        (["--sample=-1"], "argument --sample: expected a number of characters >= 0, got -1"),
+        (["--temperature=0"], "argument --temperature: expected a positive temperature, got 0.0"),
+        (["--sample=5", "--prompt="], "argument --prompt: expected at least one character for the model to continue"),
         (["--probe", "--stride=8"], r"argument --probe: not with --stride \(the probe measures plain segments\)"),
         (["--probe=4", "--burn-in=4"], "argument --probe: not with --burn-in"),
         (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
@@ -283,6 +311,11 @@ def test_resuming_a_completed_run_reports_it_and_exits_cleanly(tmp_path, capsys)
         assert result["batches"] is None  # no batch trained
         assert "held-out" in out and "after 12 steps" in out
     assert torch.load(tmp_path / "last.ckpt", weights_only=True)["global_step"] == 12  # not written again
+    # a sample of the checkpoint's model, without training
+    sampled = run("--max-steps=12", f"--checkpoint-dir={tmp_path}", "--resume=last", "--sample=12")["sample"]
+    model = demo.CharLM(embedding_size=8, hidden_size=16, lr=0.01)
+    model.load_state_dict(torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"])
+    assert sampled == demo.sample(model, "def", 12, 0.8, seed=0)
 
 
 @pytest.fixture(scope="module")
