@@ -389,7 +389,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--seed", type=int, default=0)
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
-        "--sample", type=int, default=0, help="characters to generate from the model after training; default: 0"
+        "--sample", type=int, default=200, help="characters to generate from the model after training; default: 200"
     )
     sampling.add_argument("--prompt", default="def", help="what the generated text continues; default: def")
     sampling.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; default: 0.8")

@@ -313,3 +313,35 @@ def test_spec_parse_forms():
         "rnn": StateSpec(state_in="initial_state", state_out=(1,))
     }
     assert TBPTTCallback(6, recurrent_modules=["rnn"]).recurrent_modules == ("rnn",)
+
+
+class SecondHalf(KindRegressor):
+    """Scores only the second half of the batch (what the probe scores when it spans the batch)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        from lightning_tbptt import current_segment
+
+        x, y = batch
+        start = current_segment().start
+        assert start is not None
+        return F.mse_loss(self(x), y) * float(start >= 10)
+
+
+@pytest.mark.parametrize("kind", ["min-gru", "memory-attention"])
+def test_the_probe_measures_the_bias_through_a_spec(tmp_path, kind):
+    from lightning_tbptt.probe import relative_difference
+    from tests.test_probe import first_gradient
+
+    torch.manual_seed(0)
+    model = SecondHalf(kind).double()
+    loader = make_loader(4, num_sequences=4, length=20)
+    specs = recurrent_modules(kind)
+    callback = TBPTTCallback(5, probe_every=1, probe_horizon=20, recurrent_modules=specs)
+    make_trainer(tmp_path, [callback], limit_train_batches=1).fit(twin(model), loader)
+    result = callback.probe_result
+    assert result is not None and result.bias is not None and result.bias > 0.001
+    exact = first_gradient(tmp_path, twin(model), TBPTTCallback(5, exact=True, recurrent_modules=specs), loader)
+    truncated = first_gradient(
+        tmp_path, twin(model), TBPTTCallback(5, step_per="batch", recurrent_modules=specs), loader
+    )
+    assert abs(result.bias - relative_difference(exact, truncated)) < 1e-8
