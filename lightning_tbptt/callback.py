@@ -333,16 +333,27 @@ class TBPTTCallback(CallbackBase):
 
         """
         fit = self._training("reset_state")
+        stream = fit.streams[TRAIN]
         if lanes is None:
-            fit.streams[TRAIN].state.clear()
+            stream.state.clear()
             return
-        count = fit.streams[TRAIN].lanes or 0
-        picked = torch.as_tensor(lanes, dtype=torch.long).flatten()
-        if count == 0 or picked.numel() == 0 or int(picked.min()) < 0 or int(picked.max()) >= count:
+        count = stream.lanes or 0
+        if count == 0 and not stream.state.carried:
+            return  # before the first batch: every lane starts from zeros anyway
+        given = torch.as_tensor(lanes)
+        if given.dtype == torch.bool:
+            if given.shape != (count,):
+                raise ConfigurationError(
+                    f"Expected a boolean `lanes` mask to have one entry per lane of the training stream ({count}) but"
+                    f" got shape {tuple(given.shape)}. Pass a mask of {count} entries, or the lanes' indices."
+                )
+            fit.zero_lanes(given.cpu())
+            return
+        picked = given.long().flatten()
+        if picked.numel() == 0 or int(picked.min()) < 0 or int(picked.max()) >= count:
             raise ConfigurationError(
                 f"Expected `lanes` to list rows of the training stream, 0 to {count - 1}, but got {picked.tolist()}."
-                " Pass the lanes to start anew (after the first batch, which sets the number of lanes), or None for"
-                " every lane."
+                " Pass the lanes to start anew, a boolean mask of them, or None for every lane."
             )
         mask = torch.zeros(count, dtype=torch.bool)
         mask[picked] = True
@@ -402,6 +413,11 @@ class TBPTTCallback(CallbackBase):
             raise ConfigurationError(
                 f"`TBPTTCallback.{method}` works on the training stream of a running fit: call it between batches"
                 " (e.g. from `on_train_batch_start`). To start an evaluation from a state, use `evaluate_from`."
+            )
+        if not self.streaming:
+            raise ConfigurationError(
+                f"Expected `TBPTTCallback(streaming=True)` for `{method}`: without streaming every batch starts from"
+                " zeros, so the state would be dropped at the next batch. Pass `streaming=True` (lanes) to carry it."
             )
         return fit
 
@@ -472,6 +488,15 @@ class TBPTTCallback(CallbackBase):
         if (fit := self._active()) is not None:
             given = self._evaluate_from
             start = self.carried_state() if isinstance(given, str) else None if given is None else dict(given)
+            if start is not None and given != "train":
+                modules = fit.carrier.modules
+                unknown = sorted(set(start) - set(modules))
+                if unknown:
+                    raise ConfigurationError(
+                        f"Expected `evaluate_from` to get the states of carried modules, {sorted(modules)}, but got"
+                        f" {unknown}. Pass the states of those modules (as `carried_state()` returns them)."
+                    )
+                check_carried(start, modules)
             fit.streams[EVAL].start = None if start is None else detach_state(start)
             fit.reset_stream(EVAL)
 

@@ -444,7 +444,7 @@ def _check(args: argparse.Namespace) -> str | None:
         )
     if args.sample < 0:
         raise SystemExit(f"error: argument --sample: expected a number of characters >= 0, got {args.sample}")
-    if not args.temperature > 0:
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
         raise SystemExit(f"error: argument --temperature: expected a positive temperature, got {args.temperature}")
     if args.sample and not args.prompt:
         raise SystemExit("error: argument --prompt: expected at least one character for the model to continue")

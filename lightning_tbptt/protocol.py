@@ -39,7 +39,7 @@ import dataclasses
 import inspect
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
@@ -60,7 +60,7 @@ def _path(value: Any, argument: str) -> Path:
     if isinstance(value, int):
         return (value,)
     if isinstance(value, str):
-        if not value.strip():
+        if not value.strip() or any(not part.strip() for part in value.split(".")):
             raise ConfigurationError(f"Expected {argument} to be an index, a name or a dotted path but got {value!r}.")
         return tuple(_key(part) for part in value.split("."))
     if isinstance(value, Sequence) and all(isinstance(k, (int, str)) and not isinstance(k, bool) for k in value):
@@ -81,9 +81,9 @@ class StateSpec:
 
     state_in: Key = 1
     """Where ``forward`` takes the state: a positional index (1: the argument after the input) or a keyword name."""
-    state_out: Path = (1,)
+    state_out: Key | Path = (1,)
     """The path of the new state in what ``forward`` returns (``()``: the whole value, as for a recurrent cell)."""
-    output: Path | None = (0,)
+    output: Key | Path | None = (0,)
     """The path of the sequence output in what ``forward`` returns (``None``: the module returns only the state)."""
     batch_dim: int | None = None
     """The dimension of every state tensor that holds the batch's rows (``None``: the only one of the batch's size)."""
@@ -95,6 +95,11 @@ class StateSpec:
     """``zero_rows(state, mask)``: the state with the rows of the boolean ``(B,)`` mask started anew, for ``resets``."""
     detach: Callable[[Any], Any] | None = None
     """``detach(state)``: the state cut from its graph, to carry into the next segment."""
+
+    def __post_init__(self) -> None:
+        fields = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        for key, value in _checked(fields, "a `StateSpec`").items():
+            object.__setattr__(self, key, value)
 
     def __repr__(self) -> str:
         fields = [f"state_in={self.state_in!r}", f"state_out={self.state_out!r}", f"output={self.output!r}"]
@@ -132,26 +137,7 @@ class StateSpec:
                     f"Expected the keys of {where} to be among {sorted(known)} but got {unknown}. See"
                     " `lightning_tbptt.protocol.StateSpec`."
                 )
-            fields = dict(value)
-            if "state_in" in fields:
-                state_in = fields["state_in"]
-                if isinstance(state_in, str):
-                    state_in = _key(state_in)
-                if isinstance(state_in, bool) or not isinstance(state_in, (int, str)):
-                    raise ConfigurationError(
-                        f"Expected `state_in` of {where} to be an argument's index or name but got {state_in!r}."
-                    )
-                fields["state_in"] = state_in
-            for key in ("state_out", "output"):
-                if key in fields and fields[key] is not None:
-                    fields[key] = _path(fields[key], f"`{key}` of {where}")
-            for key in ("batch_dim", "time_dim"):
-                if fields.get(key) is not None and (isinstance(fields[key], bool) or not isinstance(fields[key], int)):
-                    raise ConfigurationError(f"Expected `{key}` of {where} to be an integer but got {fields[key]!r}.")
-            for key in ("select_rows", "zero_rows", "detach"):
-                if fields.get(key) is not None and not callable(fields[key]):
-                    raise ConfigurationError(f"Expected `{key}` of {where} to be a function but got {fields[key]!r}.")
-            return cls(**fields)
+            return cls(**_checked(dict(value), where))
         raise ConfigurationError(
             f"Expected {where} to be a StateSpec, a string 'IN -> OUT' or a mapping of StateSpec's fields but got"
             f" {type(value).__name__} {value!r}."
@@ -164,19 +150,19 @@ class StateSpec:
             ModelError: If the path is not in ``returned``.
 
         """
-        return _get(returned, self.state_out, name, "state_out")
+        return _get(returned, cast(Path, self.state_out), name, "state_out")
 
     def output_of(self, returned: Any, name: str = "the module") -> Any:
         """The sequence output in ``returned``."""
         if self.output is None:
             return None
-        return _get(returned, self.output, name, "output")
+        return _get(returned, cast(Path, self.output), name, "output")
 
     def with_output(self, returned: Any, output: Any) -> Any:
         """``returned`` with its sequence output replaced by ``output`` (a copy; ``returned`` is not changed)."""
         if self.output is None:
             return returned
-        return _replaced(returned, self.output, output)
+        return _replaced(returned, cast(Path, self.output), output)
 
     def takes_state(self, args: tuple[Any, ...], kwargs: Mapping[str, Any], parameter: str | None) -> Any:
         """The state a call was given explicitly (``None`` if none)."""
@@ -201,6 +187,29 @@ class StateSpec:
                 return (*args, *([None] * (self.state_in - len(args))), state), kwargs
             return args, {**kwargs, parameter: state}
         return args, {**kwargs, self.state_in: state}
+
+
+def _checked(fields: dict[str, Any], where: str) -> dict[str, Any]:
+    """The fields of a spec, checked, with ``state_in`` keys and paths in their normal forms."""
+    if "state_in" in fields:
+        state_in = fields["state_in"]
+        if isinstance(state_in, str):
+            state_in = _key(state_in)
+        if isinstance(state_in, bool) or not isinstance(state_in, (int, str)):
+            raise ConfigurationError(
+                f"Expected `state_in` of {where} to be an argument's index or name but got {state_in!r}."
+            )
+        fields["state_in"] = state_in
+    for key in ("state_out", "output"):
+        if key in fields and fields[key] is not None:
+            fields[key] = _path(fields[key], f"`{key}` of {where}")
+    for key in ("batch_dim", "time_dim"):
+        if fields.get(key) is not None and (isinstance(fields[key], bool) or not isinstance(fields[key], int)):
+            raise ConfigurationError(f"Expected `{key}` of {where} to be an integer but got {fields[key]!r}.")
+    for key in ("select_rows", "zero_rows", "detach"):
+        if fields.get(key) is not None and not callable(fields[key]):
+            raise ConfigurationError(f"Expected `{key}` of {where} to be a function but got {fields[key]!r}.")
+    return fields
 
 
 def _get(returned: Any, path: Path, name: str, field: str) -> Any:
@@ -257,6 +266,8 @@ def _replaced(value: Any, path: Path, new: Any) -> Any:
         return items
     assert isinstance(key, str)
     inner = _replaced(getattr(value, key), rest, new)
+    if isinstance(value, tuple) and hasattr(value, "_replace"):  # a namedtuple, by field name
+        return value._replace(**{key: inner})
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{key: inner})
     copied = copy.copy(value)

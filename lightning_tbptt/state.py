@@ -282,6 +282,9 @@ class StateCarrier:
         self.modules = dict(modules)
         """The carried modules, by name."""
         given = {_plain_name(name): spec for name, spec in (specs or {}).items()}
+        self._pairs = {
+            name for name, module in modules.items() if name not in given and name not in self._cells_of(modules)
+        }
         self.specs = {name: default_spec(module, given.get(name)) for name, module in modules.items()}
         """Where each module takes and returns its state (:class:`~lightning_tbptt.protocol.StateSpec`)."""
         self.time_dim = time_dim
@@ -304,6 +307,7 @@ class StateCarrier:
         self.specs = {name: resolved(modules[name], spec) for name, spec in self.specs.items()}
         self._cells = {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
         self._batch_dims = {name: spec.batch_dim for name, spec in self.specs.items()}
+        self._default_dims = {name for name in self.specs if name not in given}  # (torch's RNNs and cells)
         self._input_names = {name: _input_argument(module) for name, module in modules.items()}
         self._time_dims = {
             name: time_dim if spec.time_dim is None else spec.time_dim for name, spec in self.specs.items()
@@ -322,6 +326,10 @@ class StateCarrier:
                 f" {type(error).__name__}: {error}. Pass `TBPTTCallback(exclude_modules=[{name!r}])` to let it start"
                 " from zeros in every segment."
             ) from error
+
+    @staticmethod
+    def _cells_of(modules: Mapping[str, nn.Module]) -> set[str]:
+        return {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
 
     def _stream_named(self, stream: str) -> CarriedState:
         return self._streams.setdefault(stream, CarriedState())
@@ -481,9 +489,19 @@ class StateCarrier:
         That is dimension 1 for ``torch.nn`` RNNs (``(layers, B, H)``), 0 for cells (``(B, H)``); for custom modules,
         the only dimension of size ``count``.
         """
+        declared = self._batch_dims[name]
+        if declared is not None and name not in self._default_dims:
+            if -tensor.dim() <= declared < tensor.dim() and tensor.shape[declared] == count:
+                return declared % tensor.dim()
+            raise ModelError(
+                f"Cannot select rows of the state of `{name}`: its state spec declares `batch_dim={declared}`, but a"
+                f" state tensor of shape {tuple(tensor.shape)} does not hold the {count} sequences along it. Declare"
+                " the dimension that holds the rows (`batch_dim`), or a `select_rows`/`zero_rows` for a state that"
+                " has none."
+            )
         dims = [d for d, size in enumerate(tensor.shape) if size == count]
-        if self._batch_dims[name] is not None:
-            dims = [d for d in dims if d == self._batch_dims[name]]
+        if declared is not None:
+            dims = [d for d in dims if d == declared]
         if len(dims) != 1:
             found = "no dimension" if not dims else f"dimensions {dims}"
             raise ModelError(
@@ -717,7 +735,7 @@ class StateCarrier:
             return None
         self._calls[name] = self._calls.get(name, 0) + 1
         spec = self.specs[name]
-        if spec.state_out == (1,) and spec.output == (0,) and (not isinstance(output, tuple) or len(output) != 2):
+        if name in self._pairs and (not isinstance(output, tuple) or len(output) != 2):
             raise ModelError(
                 f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"
                 f" got {type(output).__name__}. Return a pair from its forward, say where its state is"

@@ -63,6 +63,14 @@ class Stepper:
             if isinstance(recurrent_modules, Mapping)
             else {}
         )
+        available = {name for name, _ in model.named_modules()}
+        unknown = [name for name in [*names, *exclude_modules] if name not in available]
+        if unknown:
+            raise ModelError(
+                f"Expected every name in `recurrent_modules` and `exclude_modules` to be a submodule of"
+                f" {type(model).__name__} but got {unknown}. Use names as listed by `model.named_modules()`:"
+                f" {sorted(available - {''})[:10]}."
+            )
         holder = _Holder(model)  # (the model itself may be the recurrent module: it is `holder.model`)
         found = find_recurrent_modules(holder, [_inside(name) for name in names], [_inside(n) for n in exclude_modules])
         if not found:

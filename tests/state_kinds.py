@@ -137,8 +137,9 @@ the batch dimension of its state tensors."""
 
 def call(kind: str, module: nn.Module, x: Tensor, state: Any) -> tuple[Tensor, Any]:
     """Run ``module`` on ``x`` from ``state``, passing it by hand: ``(output, new_state)``."""
-    if kind == "lstm-cell-loop":
-        return module(x, state)
+    if kind in ("lstm-cell-loop", "tuple"):
+        returned = module(x, state)
+        return returned[0], returned[1]
     if kind == "min-gru":
         return module(x, initial_state=state)
     if kind == "memory-attention":

@@ -234,6 +234,7 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         (["--probe=0"], "argument --probe: expected a positive number of batches, got 0"),
         (["--sample=-1"], "argument --sample: expected a number of characters >= 0, got -1"),
         (["--temperature=0"], "argument --temperature: expected a positive temperature, got 0.0"),
+        (["--temperature=inf"], "argument --temperature: expected a positive temperature, got inf"),
         (["--sample=5", "--prompt="], "argument --prompt: expected at least one character for the model to continue"),
         (["--probe", "--stride=8"], r"argument --probe: not with --stride \(the probe measures plain segments\)"),
         (["--probe=4", "--burn-in=4"], "argument --probe: not with --burn-in"),

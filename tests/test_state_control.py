@@ -48,7 +48,7 @@ class Controls(pl.Callback):
         action = self.before.get(batch_idx)
         if action == "all":
             self.tbptt.reset_state()
-        elif isinstance(action, list):
+        elif isinstance(action, list) or (isinstance(action, torch.Tensor) and action.dtype == torch.bool):
             self.tbptt.reset_state(action)
         elif action is not None:
             self.tbptt.set_state(action)
@@ -60,7 +60,13 @@ def no_resets() -> list[Any]:
 
 
 @pytest.mark.parametrize(
-    ("before", "reset_at"), [({1: [0, 2]}, {1: [0, 2]}), ({2: "all"}, {2: [0, 1, 2, 3]})], ids=["lanes", "all"]
+    ("before", "reset_at"),
+    [
+        ({1: [0, 2]}, {1: [0, 2]}),
+        ({1: torch.tensor([True, False, False, True])}, {1: [0, 3]}),
+        ({2: "all"}, {2: [0, 1, 2, 3]}),
+    ],
+    ids=["lanes", "mask", "all"],
 )
 def test_resetting_lanes_between_batches_equals_the_loop_that_zeroes_them(tmp_path, before, reset_at):
     torch.manual_seed(0)
@@ -120,6 +126,7 @@ def test_state_control_outside_a_fit_and_bad_values_are_refused(tmp_path):
         ),
         (lambda: tbptt.set_state({"gru": 1}), r"Expected `set_state` to get the states of carried modules, \['rnn'\]"),
         (lambda: tbptt.set_state({"rnn": torch.zeros(4, 6)}), r"carried state of `rnn` \(LSTM\) to be a tuple of 2"),
+        (lambda: tbptt.reset_state(torch.tensor([True])), r"boolean `lanes` mask to have one entry per lane .* \(4\)"),
     ]:
         torch.manual_seed(0)
         with pytest.raises(ConfigurationError, match=message):
@@ -184,6 +191,24 @@ def test_a_stepper_generates_as_the_hand_written_step_loop(kind):
     assert not model.rnn._forward_hooks  # closed: unhooked
 
 
+def test_state_control_needs_streaming_and_evaluate_from_checks_its_names(tmp_path):
+    plain = TBPTTCallback(SEGMENT)
+
+    class Sets(pl.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            plain.set_state({})
+
+    with pytest.raises(ConfigurationError, match=r"Expected `TBPTTCallback\(streaming=True\)` for `set_state`"):
+        make_trainer(tmp_path, [plain, Sets()]).fit(LaneRegressor(log=False).double(), loader_of(no_resets()))
+    tbptt = TBPTTCallback(SEGMENT, streaming=True)
+    trainer = make_trainer(tmp_path, [tbptt])
+    model = Predicting(log=False).double()
+    trainer.fit(model, loader_of(no_resets()))
+    tbptt.evaluate_from({"gru": torch.zeros(1)})
+    with pytest.raises(ConfigurationError, match=r"Expected `evaluate_from` to get the states of carried modules"):
+        trainer.predict(model, loader_of(no_resets()))
+
+
 def test_a_stepper_starts_from_a_given_state_and_refuses_a_model_without_recurrence():
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(3, 4, batch_first=True).double()
@@ -195,3 +220,5 @@ def test_a_stepper_starts_from_a_given_state_and_refuses_a_model_without_recurre
             step.set_state({"gru": start})
     with pytest.raises(ModelError, match=r"Expected Linear to have a recurrent module to carry"):
         Stepper(torch.nn.Linear(2, 2))
+    with pytest.raises(ModelError, match=r"to be a submodule of LSTM but got \['rnn'\]"):
+        Stepper(lstm, recurrent_modules=["rnn"])

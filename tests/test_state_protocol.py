@@ -345,3 +345,71 @@ def test_the_probe_measures_the_bias_through_a_spec(tmp_path, kind):
         tmp_path, twin(model), TBPTTCallback(5, step_per="batch", recurrent_modules=specs), loader
     )
     assert abs(result.bias - relative_difference(exact, truncated)) < 1e-8
+
+
+def test_a_namedtuple_output_named_by_field_is_split_and_joined(tmp_path):
+    from collections import namedtuple
+
+    Returned = namedtuple("Returned", ["seq", "last"])
+
+    class Named(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(3, 6, batch_first=True)
+
+        def forward(self, x: torch.Tensor, h0: Any = None) -> Any:
+            return Returned(*self.gru(x, h0))
+
+    spec = {"state_in": "h0", "state_out": "last", "output": "seq", "batch_dim": 1}
+    model = kind_model("named-output")
+    plain = twin(model)
+    model.rnn = Named()
+    model.rnn.gru.load_state_dict(plain.rnn.gru.state_dict())
+    model.kind = "tuple"  # (called as a tuple: output first)
+    batches = lane_batches()
+
+    class Dicts(KindRegressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return F.mse_loss(self(batch["x"]), batch["y"])
+
+    results = []
+    for rnn, modules in ((model.rnn, {"rnn": spec}), (plain.rnn, recurrent_modules("named-output"))):
+        fitted = Dicts("named-output").double()
+        fitted.rnn = rnn.double()
+        fitted.head.load_state_dict(plain.head.state_dict())
+        fitted.kind = "tuple" if rnn is model.rnn else "named-output"
+        callback = TBPTTCallback(SEGMENT, streaming=True, resets="starts", recurrent_modules=modules)
+        make_trainer(tmp_path, [callback]).fit(fitted, loader_of(batches))
+        results.append(fitted)
+    assert torch.allclose(results[0].head.weight, results[1].head.weight, rtol=0, atol=1e-12)
+
+
+def test_a_given_spec_reads_a_longer_tuple(tmp_path):
+    class Triple(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(3, 6, batch_first=True)
+
+        def forward(self, x: torch.Tensor, state: Any = None) -> Any:
+            out, h = self.gru(x, state)
+            return out, h, out.norm()
+
+    model = kind_model("named-output")
+    model.rnn = Triple().double()
+    model.kind = "tuple"
+    make_trainer(tmp_path, [TBPTTCallback(6, recurrent_modules={"rnn": "1 -> 1"})]).fit(
+        model, make_loader(4, num_sequences=8, length=20)
+    )
+    with pytest.raises(ModelError, match=r"to return `\(output, new_state\)` but got tuple"):
+        make_trainer(tmp_path, [TBPTTCallback(6, recurrent_modules=["rnn"])]).fit(
+            model, make_loader(4, num_sequences=8, length=20)
+        )
+
+
+def test_a_state_spec_made_directly_is_checked_and_normalised():
+    assert StateSpec(state_in="h0", state_out="last").state_out == ("last",)
+    assert StateSpec(state_out=1).state_out == (1,)
+    with pytest.raises(ConfigurationError, match=r"Expected `batch_dim` of a `StateSpec` to be an integer"):
+        StateSpec(batch_dim="1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"dotted path but got '1..h'"):
+        StateSpec.parse("hidden -> 1..h")
