@@ -282,9 +282,7 @@ class StateCarrier:
         self.modules = dict(modules)
         """The carried modules, by name."""
         given = {_plain_name(name): spec for name, spec in (specs or {}).items()}
-        self._pairs = {
-            name for name, module in modules.items() if name not in given and name not in self._cells_of(modules)
-        }
+        self._given = set(given)  # (the others follow `default_spec`: a custom one must return a pair)
         self.specs = {name: default_spec(module, given.get(name)) for name, module in modules.items()}
         """Where each module takes and returns its state (:class:`~lightning_tbptt.protocol.StateSpec`)."""
         self.time_dim = time_dim
@@ -307,7 +305,6 @@ class StateCarrier:
         self.specs = {name: resolved(modules[name], spec) for name, spec in self.specs.items()}
         self._cells = {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
         self._batch_dims = {name: spec.batch_dim for name, spec in self.specs.items()}
-        self._default_dims = {name for name in self.specs if name not in given}  # (torch's RNNs and cells)
         self._input_names = {name: _input_argument(module) for name, module in modules.items()}
         self._time_dims = {
             name: time_dim if spec.time_dim is None else spec.time_dim for name, spec in self.specs.items()
@@ -326,10 +323,6 @@ class StateCarrier:
                 f" {type(error).__name__}: {error}. Pass `TBPTTCallback(exclude_modules=[{name!r}])` to let it start"
                 " from zeros in every segment."
             ) from error
-
-    @staticmethod
-    def _cells_of(modules: Mapping[str, nn.Module]) -> set[str]:
-        return {name for name, module in modules.items() if isinstance(module, nn.RNNCellBase)}
 
     def _stream_named(self, stream: str) -> CarriedState:
         return self._streams.setdefault(stream, CarriedState())
@@ -490,7 +483,7 @@ class StateCarrier:
         the only dimension of size ``count``.
         """
         declared = self._batch_dims[name]
-        if declared is not None and name not in self._default_dims:
+        if declared is not None and name in self._given:
             if -tensor.dim() <= declared < tensor.dim() and tensor.shape[declared] == count:
                 return declared % tensor.dim()
             raise ModelError(
@@ -531,8 +524,7 @@ class StateCarrier:
             dim = self._row_dim(name, tensor, rows.numel())
             shape = [1] * tensor.dim()
             shape[dim] = rows.numel()
-            nothing = torch.zeros((), dtype=tensor.dtype, device=tensor.device)
-            return torch.where(rows.to(tensor.device, non_blocking=True).view(shape), nothing, tensor)
+            return tensor.masked_fill(rows.to(tensor.device, non_blocking=True).view(shape), 0)
 
         return apply_to_collection(state, Tensor, zero)
 
@@ -735,7 +727,7 @@ class StateCarrier:
             return None
         self._calls[name] = self._calls.get(name, 0) + 1
         spec = self.specs[name]
-        if name in self._pairs and (not isinstance(output, tuple) or len(output) != 2):
+        if name not in self._given and (not isinstance(output, tuple) or len(output) != 2):
             raise ModelError(
                 f"Expected the recurrent module `{name}` ({type(module).__name__}) to return `(output, new_state)` but"
                 f" got {type(output).__name__}. Return a pair from its forward, say where its state is"
@@ -743,7 +735,7 @@ class StateCarrier:
                 f" {name!r} from `TBPTTCallback(recurrent_modules=...)`."
             )
         self._pending[name] = self._captured.pop(name, spec.state_of(output, name))
-        if spec.output is not None and name not in self._pieces:
+        if spec.output is not None and name not in self._pieces and self._calls[name] == 1:
             spec.output_of(output, name)  # (a wrong path found at the first call, not at the first split)
         if name in self._pieces:
             outputs, time_dim = self._pieces.pop(name)

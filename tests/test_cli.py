@@ -181,15 +181,7 @@ def test_init_arg_value_outside_its_type_is_a_parser_error(tmp_path, capsys):
     assert any(reason in error for reason in ("Got value: sequence", "Given value: sequence", "Union of no types"))
 
 
-SPEC_CALLBACK = """
-  callbacks:
-    - class_path: lightning_tbptt.TBPTTCallback
-      init_args:
-        segment_length: {segment_length}
-        step_per: {step_per}
-        lengths: {lengths}
-        recurrent_modules: {recurrent_modules}
-"""
+SPEC_CALLBACK = CALLBACK + "        recurrent_modules: {recurrent_modules}\n"
 
 
 @pytest.mark.parametrize(
