@@ -134,6 +134,7 @@ def plan_segments(
     burn_in: int = 0,
     loss_on_overlap: bool = False,
     whole_burn_in: bool = False,
+    new_steps: Iterator[int] | None = None,
 ) -> SegmentPlan:
     """Plan the segments of ``batch`` (see the module documentation).
 
@@ -151,6 +152,8 @@ def plan_segments(
         burn_in: Steps of a prefix run without gradient before the first window, 0 for none.
         loss_on_overlap: Whether the segments' :attr:`~Segment.loss_mask` includes the overlap.
         whole_burn_in: Accept a batch that ``burn_in`` covers whole (it is then one burn-in segment); else raise.
+        new_steps: The new steps of each window in turn (drawn lengths, see :func:`~lightning_tbptt.windows.windows`);
+            ``None``: ``stride`` (or ``segment_length``).
 
     Raises:
         BatchError: If the batch cannot be split (see :func:`~lightning_tbptt.split.sequence_length`), its lengths
@@ -196,7 +199,7 @@ def plan_segments(
             f" ({longest} steps) but got {burn_in}, so no step would be trained. Lower `burn_in` or use longer"
             " sequences."
         )
-    bounds = windows(longest, segment_length, stride, burn_in)
+    bounds = windows(longest, segment_length, stride, burn_in, new_steps)
     # int64 (no unsigned wrap-around in `length - start`) and on the sequences' device (where the mask is used)
     full_long = None if full is None else full.to(device=device, dtype=torch.long, non_blocking=True)
 

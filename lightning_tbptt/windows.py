@@ -14,7 +14,9 @@ Example:
 
 """
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Literal
 
 LossOn = Literal["new", "window"]
@@ -35,7 +37,13 @@ class Window:
     burn_in: bool = False
 
 
-def windows(length: int, segment_length: int, stride: int | None = None, burn_in: int = 0) -> list[Window]:
+def windows(
+    length: int,
+    segment_length: int,
+    stride: int | None = None,
+    burn_in: int = 0,
+    new_steps: Iterator[int] | None = None,
+) -> list[Window]:
     """Return the segments covering ``length`` steps.
 
     A burn-in prefix of ``burn_in`` steps, then windows of ``segment_length`` steps starting every ``stride`` steps
@@ -45,28 +53,44 @@ def windows(length: int, segment_length: int, stride: int | None = None, burn_in
     last ``stride``, and the state carried into it is the previous window's state after ``stride`` steps. Without a
     stride (or with ``stride == segment_length``) these are consecutive segments.
 
+    ``new_steps``: the number of new steps of each window in turn, in place of ``stride`` (randomised segment lengths,
+    see :mod:`lightning_tbptt.random_lengths`); each window is then its new steps plus the overlap,
+    ``segment_length - stride``, before them (the first window, which has nothing before it, is as long). A constant
+    ``stride`` gives the windows above.
+
     Example:
         >>> [(w.start, w.stop, w.new_start, w.carry_at) for w in windows(10, 4, stride=2)]
         [(0, 4, 0, 2), (2, 6, 2, 2), (4, 8, 2, 2), (6, 10, 2, None)]
         >>> [(w.start, w.stop, w.burn_in) for w in windows(10, 4, burn_in=3)]
         [(0, 3, True), (3, 7, False), (7, 10, False)]
+        >>> [(w.start, w.stop) for w in windows(10, 4, new_steps=iter([3, 5, 4]))]
+        [(0, 3), (3, 8), (8, 10)]
 
     """
     stride = segment_length if stride is None else stride
+    overlap = segment_length - stride
+    steps = repeat(stride) if new_steps is None else new_steps
     found = [Window(0, burn_in, burn_in, None, True)] if burn_in else []
-    start, covered = burn_in, burn_in
+    covered = burn_in
     while covered < length:
-        stop = min(start + segment_length, length)
+        start = max(burn_in, covered - overlap)
+        stop = min(start + overlap + next(steps), length)
         # the next window starts inside this one: carry the state from there
-        carry_at = stride if stop < length and stride < stop - start else None
+        carry_at = stop - overlap - start if stop < length and overlap > 0 else None
         found.append(Window(start, stop, covered - start, carry_at))
-        covered, start = stop, start + stride
+        covered = stop
     return found
 
 
-def training_windows(length: int, segment_length: int, stride: int | None = None, burn_in: int = 0) -> int:
+def training_windows(
+    length: int,
+    segment_length: int,
+    stride: int | None = None,
+    burn_in: int = 0,
+    new_steps: Iterator[int] | None = None,
+) -> int:
     """The number of segments of :func:`windows` that train: all but the burn-in prefix."""
-    return sum(not window.burn_in for window in windows(length, segment_length, stride, burn_in))
+    return sum(not window.burn_in for window in windows(length, segment_length, stride, burn_in, new_steps))
 
 
 @dataclass(frozen=True)
