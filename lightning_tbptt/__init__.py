@@ -4,10 +4,12 @@
 import lightning_tbptt.namespaces  # noqa: F401  # isort: skip
 from lightning_tbptt.callback import TBPTTCallback
 from lightning_tbptt.data import LaneDataModule, LaneStream
+from lightning_tbptt.dynamic import DynamicEvaluation
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError, NoSegmentError, TBPTTError
 from lightning_tbptt.loss import masked_mean
 from lightning_tbptt.metric import MaskedMetric
 from lightning_tbptt.protocol import StateSpec
+from lightning_tbptt.random_lengths import RandomLengths
 from lightning_tbptt.segment import Segment, current_segment
 from lightning_tbptt.stepper import Stepper
 
@@ -16,11 +18,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchError",
     "ConfigurationError",
+    "DynamicEvaluation",
     "LaneDataModule",
     "LaneStream",
     "MaskedMetric",
     "ModelError",
     "NoSegmentError",
+    "RandomLengths",
     "Segment",
     "StateSpec",
     "Stepper",

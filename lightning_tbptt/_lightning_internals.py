@@ -41,6 +41,11 @@ batch is run, and removes them afterwards. Private names used, unchanged in pyto
   own (see *Fast paths*);
 * ``LightningModule._apply_batch_transfer_handler`` and ``_call_batch_hook`` — only compared with Lightning's own (an
   override of either turns the dispatch-free transfer off);
+* ``Trainer.validate_loop``, ``Trainer.test_loop`` and ``Trainer.predict_loop``, and their ``inference_mode`` flag —
+  with ``TBPTTCallback(dynamic_eval=...)`` set to ``False`` for the duration of a fit or evaluation, so that these
+  loops run under ``torch.no_grad()`` (inside which autograd can be enabled again) rather than
+  ``torch.inference_mode()`` (whose tensors no gradient can go through); the validation inside ``fit`` already runs
+  without inference mode (:class:`GradientsInEvaluation`);
 * ``<namespace>.trainer.call``'s logger — Lightning logs every hook call it dispatches at ``DEBUG``; while it is enabled
   the fast paths stay off, so such a log is the same as without them;
 * ``LightningModule._compiler_ctx`` — set by Lightning for a module passed to ``fit`` as ``torch.compile(module)``;
@@ -560,6 +565,32 @@ class FastDevRunPatch:
         """Put the step limit back. Safe to call more than once."""
         if self._saved is not None:
             self._epoch_loop.max_steps = self._saved
+            self._saved = None
+
+
+class GradientsInEvaluation:
+    """Runs ``validate``, ``test`` and ``predict`` under ``torch.no_grad()`` instead of ``torch.inference_mode()``.
+
+    Dynamic evaluation takes gradients between evaluation segments, which tensors made in inference mode (the
+    batches, the metrics' states) cannot take part in.
+    """
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        self._loops: list[Any] = [trainer.validate_loop, trainer.test_loop, trainer.predict_loop]
+        self._saved: list[bool] | None = None
+
+    def install(self) -> None:
+        """Turn inference mode off in the three loops."""
+        if self._saved is None:
+            self._saved = [loop.inference_mode for loop in self._loops]
+            for loop in self._loops:
+                loop.inference_mode = False
+
+    def remove(self) -> None:
+        """Put each loop's flag back. Safe to call more than once."""
+        if self._saved is not None:
+            for loop, saved in zip(self._loops, self._saved, strict=True):
+                loop.inference_mode = saved
             self._saved = None
 
 

@@ -15,12 +15,14 @@ from typing_extensions import override
 
 from lightning_tbptt.checkpoint import CheckpointRecord, check_carried
 from lightning_tbptt.config import LogEvery, NonfiniteState, Settings, Transfer
+from lightning_tbptt.dynamic import DynamicEvaluation
 from lightning_tbptt.errors import ConfigurationError
 from lightning_tbptt.fields import FieldSpec
 from lightning_tbptt.fit import Fit, gather_facts, refuse_for
 from lightning_tbptt.namespaces import CallbackBase
 from lightning_tbptt.probe import ProbeResult
 from lightning_tbptt.protocol import StateSpec
+from lightning_tbptt.random_lengths import RandomLengths
 from lightning_tbptt.schedule import StepPer
 from lightning_tbptt.split import split_batch
 from lightning_tbptt.state import detach_state
@@ -129,6 +131,17 @@ class TBPTTCallback(CallbackBase):
             ``"auto"``, 2 * the longest length.
         min_segment_length: With ``segment_length="auto"``: the shortest segment length (default 8).
         max_segment_length: With ``segment_length="auto"``: the longest segment length (default 512).
+        random_lengths: Draw the length of every training segment (of every window's new steps, with ``stride``)
+            instead of cutting at fixed places: a :class:`~lightning_tbptt.random_lengths.RandomLengths` (AWD-LSTM's
+            rule around ``segment_length``, or a random first cut), seeded by its ``seed``, the epoch and the batch
+            index, so the draws are reproducible, the same on every process and resumed exactly; optionally scales
+            the learning rate by the drawn length (see :mod:`lightning_tbptt.random_lengths`). Evaluation keeps
+            fixed segments. ``None`` (default): fixed cuts.
+        dynamic_eval: Dynamic evaluation: a :class:`~lightning_tbptt.dynamic.DynamicEvaluation`. After each
+            evaluation segment is scored (its ``validation_step``/``test_step``/``predict_step`` run and logged), a
+            gradient step on that segment's loss adapts the weights for the next one; the trained weights come back,
+            bitwise, when the evaluation run ends or raises (see :mod:`lightning_tbptt.dynamic`). ``None``
+            (default): the weights are fixed during evaluation.
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -168,6 +181,8 @@ class TBPTTCallback(CallbackBase):
         probe_horizon: int | None = None,
         min_segment_length: int | None = None,
         max_segment_length: int | None = None,
+        random_lengths: RandomLengths | Mapping[str, Any] | None = None,
+        dynamic_eval: DynamicEvaluation | Mapping[str, Any] | None = None,
     ) -> None:
         self.settings = Settings.from_arguments(
             segment_length,
@@ -192,6 +207,8 @@ class TBPTTCallback(CallbackBase):
             probe_horizon=probe_horizon,
             min_segment_length=min_segment_length,
             max_segment_length=max_segment_length,
+            random_lengths=random_lengths,
+            dynamic_eval=dynamic_eval,
         )
         """The checked settings (frozen)."""
         self.lengths = lengths
@@ -219,6 +236,8 @@ class TBPTTCallback(CallbackBase):
     )
     exclude_modules = property(lambda self: self.settings.exclude_modules)
 
+    random_lengths = property(lambda self: self.settings.random_lengths)
+    dynamic_eval = property(lambda self: self.settings.dynamic_eval)
     probe_every = property(lambda self: None if self.settings.probe is None else self.settings.probe.every)
 
     @property
@@ -261,19 +280,24 @@ class TBPTTCallback(CallbackBase):
         """
         return split_batch(batch, segment_length, self.time_dim)
 
-    def training_segments(self, length: int, *, fresh: bool = True) -> int:
+    def training_segments(
+        self, length: int, *, fresh: bool = True, epoch: int | None = None, batch: int | None = None
+    ) -> int:
         """The segments that train in a batch of ``length`` time steps (every step valid; burn-in excluded).
 
         With ``step_per="segment"`` these are the optimizer steps the batch takes. ``fresh``: the batch starts its
         stream from zeros, so a ``burn_in`` prefix runs first (every batch, or with ``streaming`` the first batch of
         an epoch). With ``segment_length="auto"``, for the segment length in use (:attr:`current_segment_length`).
+        With ``random_lengths``, for the lengths drawn for training batch ``batch`` (from 0) of ``epoch``, which must
+        then be given.
 
         Example:
             >>> TBPTTCallback(16, stride=8, burn_in=4).training_segments(64)
             7
 
         Raises:
-            ConfigurationError: If the segment length is not known before a fit (it comes from the module).
+            ConfigurationError: If the segment length is not known before a fit (it comes from the module), or
+                ``random_lengths`` is set and ``epoch`` or ``batch`` is not given.
 
         """
         geometry = self.settings.geometry
@@ -285,7 +309,17 @@ class TBPTTCallback(CallbackBase):
                 " `TBPTTCallback(segment_length=...)`."
             )
         burn_in = geometry.burn_in if fresh else 0
-        return training_windows(length, segment_length, geometry.stride, burn_in)
+        random_lengths = self.settings.random_lengths
+        if random_lengths is None:
+            return training_windows(length, segment_length, geometry.stride, burn_in)
+        if epoch is None or batch is None:
+            raise ConfigurationError(
+                f"Expected `training_segments` to get the `epoch` and `batch` whose drawn lengths to count, with"
+                f" `random_lengths`, but got epoch={epoch!r}, batch={batch!r}. Pass e.g."
+                f" `training_segments({length}, epoch=0, batch=0)`."
+            )
+        drawn = random_lengths.new_steps(geometry.stride or segment_length, epoch=epoch, batch=batch)
+        return training_windows(length, segment_length, geometry.stride, burn_in, drawn)
 
     @property
     def resume_batch(self) -> int:
@@ -474,17 +508,35 @@ class TBPTTCallback(CallbackBase):
 
     @override
     def on_validation_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._reset_evaluation()
+        self._reset_evaluation("validate")
+
+    @override
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # before `on_validation_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
+        if (fit := self._active()) is not None:
+            fit.end_evaluation()
 
     @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._reset_evaluation()
+        self._reset_evaluation("test")
+
+    @override
+    def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # before `on_test_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
+        if (fit := self._active()) is not None:
+            fit.end_evaluation()
 
     @override
     def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._reset_evaluation()
+        self._reset_evaluation("predict")
 
-    def _reset_evaluation(self) -> None:
+    @override
+    def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # before `on_predict_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
+        if (fit := self._active()) is not None:
+            fit.end_evaluation()
+
+    def _reset_evaluation(self, stage: str) -> None:
         if (fit := self._active()) is not None:
             given = self._evaluate_from
             start = self.carried_state() if isinstance(given, str) else None if given is None else dict(given)
@@ -499,6 +551,7 @@ class TBPTTCallback(CallbackBase):
                 check_carried(start, modules)
             fit.streams[EVAL].start = None if start is None else detach_state(start)
             fit.reset_stream(EVAL)
+            fit.start_evaluation(stage)
 
     @override
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:

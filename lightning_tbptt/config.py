@@ -23,10 +23,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from lightning_tbptt.dynamic import DynamicEvaluation
 from lightning_tbptt.errors import ConfigurationError, ModelError, TBPTTError
 from lightning_tbptt.fields import FieldLocation, FieldSpec
 from lightning_tbptt.probe import ProbeSettings
 from lightning_tbptt.protocol import StateSpec
+from lightning_tbptt.random_lengths import RandomLengths
 from lightning_tbptt.schedule import STEP_PER_CHOICES, StepPer
 from lightning_tbptt.windows import LOSS_ON_CHOICES, Geometry, LossOn
 
@@ -48,6 +50,24 @@ def check_positive_int(
             f"Expected argument `{argument}` to be a positive integer but got {value!r}. Pass {what}, e.g. `{example}`."
         )
     return value
+
+
+def _check_options(value: Any, kind: type, argument: str, example: str) -> Any:
+    """``None``, an instance of ``kind``, or one made from a mapping of its fields (e.g. from a YAML config)."""
+    if value is None or isinstance(value, kind):
+        return value
+    if isinstance(value, Mapping):
+        try:
+            return kind(**value)
+        except TypeError as error:
+            raise ConfigurationError(
+                f"Expected argument `{argument}` to hold the fields of `{kind.__name__}` but got {dict(value)!r}"
+                f" ({error}). Pass e.g. `{argument}={example}`."
+            ) from None
+    raise ConfigurationError(
+        f"Expected argument `{argument}` to be a `{kind.__name__}`, a mapping of its fields, or None but got"
+        f" {value!r:.80}. Pass e.g. `{argument}={example}`."
+    )
 
 
 def _check_bool(value: Any, argument: str) -> bool:
@@ -211,6 +231,10 @@ class Settings:
     exclude_modules: tuple[str, ...] = ()
     probe: ProbeSettings | None = None
     """The truncation probe (and ``segment_length="auto"``), or ``None``."""
+    random_lengths: RandomLengths | None = None
+    """How training segment lengths are drawn, or ``None`` (fixed)."""
+    dynamic_eval: DynamicEvaluation | None = None
+    """Dynamic evaluation, or ``None``."""
 
     @property
     def auto(self) -> bool:
@@ -243,6 +267,8 @@ class Settings:
         probe_horizon: int | None = None,
         min_segment_length: int | None = None,
         max_segment_length: int | None = None,
+        random_lengths: RandomLengths | Mapping[str, Any] | None = None,
+        dynamic_eval: DynamicEvaluation | Mapping[str, Any] | None = None,
     ) -> "Settings":
         """Check the arguments of ``TBPTTCallback`` one by one, then the combinations refused at ``"init"``.
 
@@ -331,6 +357,8 @@ class Settings:
             state_specs=specs,
             exclude_modules=excluded,
             probe=probe,
+            random_lengths=_check_options(random_lengths, RandomLengths, "random_lengths", "RandomLengths(seed=0)"),
+            dynamic_eval=_check_options(dynamic_eval, DynamicEvaluation, "dynamic_eval", "DynamicEvaluation(lr=1e-4)"),
         )
         refuse("init", settings)
         return settings
@@ -352,6 +380,7 @@ class Settings:
             "burn_in": geometry.burn_in or None,
             "drop_finished": layout.drop_finished or None,
             "streaming": self.streaming or None,
+            "random_lengths": self.random_lengths,
         }
         return values[argument]
 
@@ -366,6 +395,7 @@ class Settings:
             "exact": self.exact,
             "time_dim": self.layout.time_dim,
             "loss_on": geometry.loss_on,
+            "random_lengths": None if self.random_lengths is None else self.random_lengths.saved(),
         }
 
 
@@ -557,6 +587,45 @@ REFUSALS: tuple[Refusal, ...] = (
         ),
     ),
     Refusal(
+        "random_lengths with a probe",
+        "init",
+        lambda s, f: s.random_lengths is not None and s.probe is not None,
+        lambda s, f: ConfigurationError(
+            f"{_probing(s)} cannot be combined with `random_lengths`: the probe measures the bias of one fixed"
+            " segment length, and `'auto'` sets it, while `random_lengths` draws a new length for every segment. Pass"
+            " a fixed `segment_length` with `random_lengths`, or drop `random_lengths`."
+        ),
+    ),
+    Refusal(
+        "random_lengths scale_lr with step_per='batch'",
+        "init",
+        lambda s, f: s.random_lengths is not None and s.random_lengths.scale_lr and s.step_per == "batch",
+        lambda s, f: ConfigurationError(
+            "`RandomLengths(scale_lr=True)` scales the learning rate of each segment's optimizer step by its length,"
+            f" but `TBPTTCallback(step_per='batch'{', exact=True' if s.exact else ''})` takes one step per batch, for"
+            " all its segments. Use `scale_lr=False`, or `step_per='segment'`."
+        ),
+    ),
+    Refusal(
+        "random_lengths scale_lr with stride",
+        "init",
+        lambda s, f: s.random_lengths is not None and s.random_lengths.scale_lr and s.geometry.overlaps,
+        lambda s, f: ConfigurationError(
+            f"`RandomLengths(scale_lr=True)` cannot be combined with `stride={s.geometry.stride}`: a window's"
+            " length is its overlap plus its drawn new steps, so AWD-LSTM's `length / bptt` has no single meaning"
+            " there. Use `scale_lr=False` with windows (the new steps are still drawn), or drop `stride`."
+        ),
+    ),
+    Refusal(
+        "dynamic_eval with evaluate=False",
+        "init",
+        lambda s, f: s.dynamic_eval is not None and not s.evaluate,
+        lambda s, f: ConfigurationError(
+            "`TBPTTCallback(dynamic_eval=...)` adapts the weights between the segments of an evaluation batch, but"
+            " `evaluate=False` leaves evaluation to Lightning, uncut. Use `evaluate=True` (the default)."
+        ),
+    ),
+    Refusal(
         "several callbacks",
         "setup",
         lambda s, f: f.callbacks > 1,
@@ -590,6 +659,15 @@ REFUSALS: tuple[Refusal, ...] = (
         ),
     ),
     *(_with_custom_split(argument) for argument in ("lengths", "resets", "stride", "burn_in")),
+    Refusal(
+        "random_lengths with a custom split",
+        "setup",
+        lambda s, f: f.splitter is not None and s.random_lengths is not None,
+        lambda s, f: ConfigurationError(
+            f"`TBPTTCallback(random_lengths=...)` cannot be combined with a custom `{f.splitter}`, which decides the"
+            " segments itself. Draw the lengths in the custom split, or drop one of the two."
+        ),
+    ),
     Refusal(
         "probe with a custom split",
         "setup",

@@ -10,8 +10,9 @@ how segments run is in the runner.
 """
 
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from lightning_tbptt._lightning_internals import (
     BatchContext,
     EagerLogging,
     FastDevRunPatch,
+    GradientsInEvaluation,
     RankZeroLogging,
     ReleaseOnError,
     RunSegment,
@@ -45,6 +47,7 @@ from lightning_tbptt._lightning_internals import (
 from lightning_tbptt.checkpoint import CheckpointRecord, check_carried
 from lightning_tbptt.config import FitFacts, Settings, Transfer, refuse
 from lightning_tbptt.distributed import agree_on_probe, agree_on_segment_count, idle_training_step
+from lightning_tbptt.dynamic import Adapter, adaptation_loss
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.exact import Boundary, cuda_devices, frozen_metrics, replayed
 from lightning_tbptt.namespaces import is_overridden
@@ -55,14 +58,16 @@ from lightning_tbptt.probe import (
     band_length,
     candidate_lengths,
     decay_rate,
+    loss_of,
     measure,
     next_length,
     trainable,
 )
 from lightning_tbptt.progress import SegmentProgress
-from lightning_tbptt.runner import Operations, SegmentRunner
+from lightning_tbptt.random_lengths import scaled_learning_rates
+from lightning_tbptt.runner import Adaptation, Operations, SegmentRunner
 from lightning_tbptt.schedule import Decision, OptimizationSchedule, StepPer
-from lightning_tbptt.segment import Segment
+from lightning_tbptt.segment import Segment, current_segment
 from lightning_tbptt.state import StateCarrier, find_recurrent_modules, recurrent_candidates
 from lightning_tbptt.streams import EVAL, TRAIN, Stream
 
@@ -145,6 +150,9 @@ class Fit:
         self.batches = 0
         """Training batches this fit has started (the probe's schedule)."""
         self.probe_result: ProbeResult | None = None
+        self.drawn: list[int] = []
+        """With ``random_lengths``: the lengths drawn for the running (or last) training batch so far."""
+        self._draws: Iterator[int] = iter(())
         self.record = CheckpointRecord(streaming=self.settings.streaming, probe=self._probe_record())
         """Where the training epoch stands after the last batch, for checkpoints."""
         self.restored: CheckpointRecord | None = None
@@ -166,6 +174,11 @@ class Fit:
             step_logging = StepLogging(trainer) if self.settings.log_every == "step" else None
             self.loop_patch = TrainingLoopPatch(trainer, self.run_training_batch, step_logging)
             patches.insert(0, self.loop_patch)
+        if self.settings.dynamic_eval is not None:
+            patches.append(GradientsInEvaluation(trainer))
+        self.adapter: Adapter | None = None
+        """The dynamic evaluation of the running evaluation run, or ``None``."""
+        self._adapting_dataloader: int | None = None
         evaluation = self.run_evaluation_batch if self.settings.evaluate else None
         self.strategy_patch = StrategyPatch(trainer, self._keeps_on_host, evaluation)
         self.patches = [*patches, self.strategy_patch]
@@ -179,6 +192,7 @@ class Fit:
         The record and the module stay: a checkpoint saved after the fit holds them.
         """
         self.active = False
+        self.end_evaluation()  # the trained weights come back, also when an evaluation raised
         for patch in self.patches:
             patch.remove()
         if self._carrier is not None:
@@ -289,6 +303,7 @@ class Fit:
         if facts.splitter is None:
             geometry, layout = settings.geometry, settings.layout
             fresh = not settings.streaming or not self.streams[stream].lanes
+            drawn = self._draw() if stream == TRAIN and settings.random_lengths is not None else None
             return plan_segments(
                 batch,
                 self.segment_length,
@@ -300,6 +315,7 @@ class Fit:
                 burn_in=geometry.burn_in if fresh else 0,
                 whole_burn_in=stream != TRAIN,
                 loss_on_overlap=geometry.loss_on == "window",
+                new_steps=drawn,
             )
         length = self.segment_length
         if facts.module_splits:
@@ -315,6 +331,38 @@ class Fit:
                 " list with one batch per segment, in time order."
             )
         return plan_custom_segments(segments, settings.layout.time_dim, source)
+
+    def _draw(self) -> Iterator[int]:
+        """The lengths of the next training batch's windows, drawn for its epoch and index, kept in :attr:`drawn`."""
+        random_lengths = self.settings.random_lengths
+        assert random_lengths is not None
+        base = self.settings.geometry.stride or self.segment_length
+        source = random_lengths.new_steps(base, epoch=self.trainer.current_epoch, batch=self.record.batches_done)
+        drawn = self.drawn = []
+
+        def kept() -> Iterator[int]:
+            for length in source:
+                drawn.append(length)
+                yield length
+
+        self._draws = kept()
+        return self._draws
+
+    def _scaled(self, run_segment: RunSegment, burn_in_segments: int) -> RunSegment:
+        """``run_segment`` with the learning rates scaled by the segment's drawn length over the base length.
+
+        The drawn length, not the length left in the batch, so that every process scales its step alike.
+        """
+        base = self.settings.geometry.stride or self.segment_length
+
+        def scaled(kwargs: Any, decision: Decision | None, weight: int) -> dict[str, Any]:
+            index = current_segment().index - burn_in_segments
+            while len(self.drawn) <= index:  # idle steps of a process with fewer segments
+                next(self._draws)
+            with scaled_learning_rates(self.trainer.optimizers, self.drawn[index] / base):
+                return run_segment(kwargs, decision, weight)
+
+        return scaled
 
     def _keeps_on_host(self) -> bool:
         if self.transfer != "segment":
@@ -382,6 +430,9 @@ class Fit:
                 batch_steps=context.batch_steps,
             )
 
+        random_lengths = self.settings.random_lengths
+        if random_lengths is not None and random_lengths.scale_lr:
+            run_segment = self._scaled(run_segment, plan.burn_in_segments)
         runner = self.runner
         try:
             exact = self.settings.exact and context.automatic and not context.skip_backward
@@ -507,17 +558,104 @@ class Fit:
             )
         batch, rest = args[0], args[1:]
         stream = self.streams[EVAL]
+        dataloader = rest[1] if len(rest) > 1 else kwargs.get("dataloader_idx", 0)
         if self.settings.streaming:
-            stream.enter_dataloader(rest[1] if len(rest) > 1 else kwargs.get("dataloader_idx", 0))
+            stream.enter_dataloader(dataloader)
+        adaptation = self._adaptation(name, dataloader) if self.adapter is not None else None
         plan = self.plan(batch, EVAL)
         stream.begin_batch(plan, self.settings.streaming)
         self._prepare_transfer(batch)
         try:
-            output = self.runner.evaluate(plan, step, rest, kwargs, stream)
+            output = self.runner.evaluate(plan, step, rest, kwargs, stream, adaptation)
         finally:
             self.progress.done()
         self._report_nonfinite(f"{name.removesuffix('_step')} batch {rest[0] if rest else '?'}")
         return output
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Dynamic evaluation
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def start_evaluation(self, stage: str) -> None:
+        """An evaluation run starts: with dynamic evaluation for ``stage``, keep the trained weights (and ``MS``)."""
+        self.end_evaluation()
+        settings = self.settings.dynamic_eval
+        if settings is None or stage not in settings.stages:
+            return
+        module = self.trainer.lightning_module
+        adapter = Adapter(settings, list(module.parameters()))
+        if settings.rule == "rms":
+            self._gradient_statistics(adapter)
+        self.adapter = adapter
+        self._adapting_dataloader = None
+
+    def end_evaluation(self) -> None:
+        """The evaluation run ends (or raised): the trained weights come back."""
+        adapter, self.adapter = self.adapter, None
+        if adapter is not None:
+            adapter.restore()
+
+    def _adaptation(self, name: str, dataloader: int) -> Adaptation:
+        adapter = self.adapter
+        assert adapter is not None
+        if self._adapting_dataloader is not None and dataloader != self._adapting_dataloader:
+            adapter.restore()  # each dataloader adapts from the trained weights
+        self._adapting_dataloader = dataloader
+        settings = adapter.settings
+
+        def update(output: Any, batch: Any) -> None:
+            adapter.step(adaptation_loss(settings, output, batch, name))
+
+        return Adaptation(context=lambda: adapting(self.trainer), update=update)
+
+    def _gradient_statistics(self, adapter: Adapter) -> None:
+        """``MS`` for the ``"rms"`` rule: squared gradients of ``training_step``'s loss on training batches."""
+        settings = adapter.settings
+        source = settings.statistics
+        if source is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not is_overridden("train_dataloader", datamodule, self.trainer):
+                raise ConfigurationError(
+                    "Expected `DynamicEvaluation(rule='rms')` to get training batches for its gradient statistics but"
+                    " got `statistics=None` and no datamodule with a `train_dataloader`. Pass"
+                    " `DynamicEvaluation(..., statistics=train_loader)` (an iterable of training batches)."
+                )
+            source = datamodule.train_dataloader
+        batches = source() if callable(source) else source
+        module = self.trainer.lightning_module
+        squared = [torch.zeros_like(p) for p in adapter.parameters]
+        count = 0
+        stream = Stream("statistics")
+        layout = self.settings.layout
+        for index, batch in zip(range(settings.statistics_batches), batches, strict=False):
+            plan = plan_segments(
+                batch,
+                self.segment_length,
+                time_dim=layout.time_dim,
+                lengths=layout.lengths,
+                drop_finished=layout.drop_finished,
+                resets=layout.resets,
+            )
+            stream.begin_batch(plan, self.settings.streaming)
+            self._prepare_transfer(batch)
+            for planned in plan:
+                segment, info = self._to_device(planned)
+                with adapting(self.trainer), self.runner.running(info, stream):
+                    output = self._probe_step(OrderedDict(batch=segment, batch_idx=index))
+                loss = loss_of(output)
+                if loss is None or not loss.requires_grad:
+                    raise ModelError(
+                        f"The 'rms' rule of dynamic evaluation takes the gradients of `training_step`'s loss on"
+                        f" training batches, but `{type(module).__name__}.training_step` returned {output!r:.80}."
+                        " Return the loss (a tensor, or a dict with 'loss')."
+                    )
+                grads = torch.autograd.grad(loss, adapter.parameters, allow_unused=True)
+                for total, grad in zip(squared, grads, strict=True):
+                    if grad is not None:
+                        total.add_(grad.detach().square())
+                count += 1
+        self.runner.take_nonfinite()
+        adapter.set_statistics(squared, count)
 
     # ----------------------------------------------------------------------------------------------------------------
     # Warnings after a batch
@@ -793,3 +931,18 @@ def refuse_for(settings: Settings, facts: FitFacts, stage: str) -> None:
     refuse("setup", fit_settings, facts)
     if stage == "fit":
         refuse("training", fit_settings, facts)
+
+
+@contextmanager
+def adapting(trainer: "pl.Trainer") -> Iterator[None]:
+    """While active, an evaluation step can be backpropagated.
+
+    Autograd on, DDP's gradient synchronisation off for its forward (each process adapts on its own lanes), and cuDNN
+    off on CUDA (it refuses an RNN's backward in eval mode).
+    """
+    model = trainer.strategy.model
+    no_sync = model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
+    cuda = trainer.strategy.root_device.type == "cuda"
+    cudnn = torch.backends.cudnn.flags(enabled=False) if cuda else nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), no_sync, cudnn:
+        yield

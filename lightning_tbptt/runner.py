@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from lightning_tbptt.compat import returned_hiddens
@@ -31,6 +32,11 @@ from lightning_tbptt.streams import Stream
 RunSegment = Callable[["OrderedDict[str, Any]", Decision | None, int], dict[str, Any]]
 """Runs one training segment: its ``training_step`` arguments, its decision (``None`` in manual optimization) and the
 weight of the values it logs (its number of valid time steps)."""
+
+
+def detached(output: Any) -> Any:
+    """``output`` with every tensor in it detached."""
+    return apply_to_collection(output, Tensor, Tensor.detach)
 
 
 def _nothing(*args: Any) -> AbstractContextManager[None]:
@@ -62,6 +68,16 @@ class Operations:
     before it once it returns, and what it returns passes through the given function before Lightning sees it."""
     random_devices: Callable[[], list[int]] = lambda: []
     """The CUDA devices whose random number generators the model draws from (besides the CPU's)."""
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    """What dynamic evaluation does around and after each evaluation segment (see :mod:`lightning_tbptt.dynamic`)."""
+
+    context: Callable[[], AbstractContextManager[Any]]
+    """While active, the step runs with autograd (and without what would refuse its backward)."""
+    update: Callable[[Any, Any], None]
+    """Adapts the weights on the step's output for a segment, given the segment's batch."""
 
 
 @dataclass
@@ -327,12 +343,19 @@ class SegmentRunner:
             self.operations.step_without_gradient(segment_kwargs)
 
     def evaluate(
-        self, plan: SegmentPlan, step: Callable[..., Any], rest: tuple[Any, ...], kwargs: dict[str, Any], stream: Stream
+        self,
+        plan: SegmentPlan,
+        step: Callable[..., Any],
+        rest: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        stream: Stream,
+        adaptation: Adaptation | None = None,
     ) -> Any:
         """Run the segments of an evaluation batch through ``step(segment, *rest, **kwargs)``; join their outputs.
 
         Burn-in segments run silenced and are not counted; the values each segment logs are weighted by its number of
-        valid steps.
+        valid steps. With an ``adaptation`` (dynamic evaluation), every other segment runs with autograd and, once it
+        has returned (scored and logged), adapts the weights on its output; its output is then detached.
         """
         operations = self.operations
         outputs: list[Any] = []
@@ -341,8 +364,15 @@ class SegmentRunner:
             segment_batch, info = operations.to_device(planned)
             operations.show(info.index, len(plan), False)
             silenced = operations.silenced() if info.burn_in else nullcontext()
-            with self.running(info, stream), silenced, operations.weighted(info.num_valid):
-                outputs.append(step(segment_batch, *rest, **kwargs))
+            adapting = adaptation is not None and not info.burn_in
+            around = adaptation.context() if adaptation is not None and adapting else nullcontext()
+            with around:
+                with self.running(info, stream), silenced, operations.weighted(info.num_valid):
+                    output = step(segment_batch, *rest, **kwargs)
+                if adaptation is not None and adapting:
+                    adaptation.update(output, segment_batch)  # a `loss` given to adapt on is computed with autograd
+                    output = detached(output)
+            outputs.append(output)
             segments.append(info)
         return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
 

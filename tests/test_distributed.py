@@ -1,6 +1,7 @@
 """Several processes (DDP on CPU, gloo): ranks whose batches have different numbers of segments stay in step."""
 
 import os
+import random
 import re
 import subprocess
 import sys
@@ -48,6 +49,20 @@ def rank_windows(longest: int, stride: int, burn_in: int) -> list[tuple[int, int
     return found
 
 
+def drawn_windows(longest: int, drawn: list[int]) -> list[tuple[int, int, int, bool]]:
+    """Consecutive segments of the drawn lengths up to ``longest``, as :func:`rank_windows` gives them (none overlaps
+    the next, so the state is carried from each one's end)."""
+    found, start = [], 0
+    for length in drawn:
+        if start >= longest:
+            break
+        stop = min(start + length, longest)
+        found.append((start, stop, 0, False))
+        start = stop
+    assert start >= longest, "draw more lengths"
+    return found
+
+
 def reference(
     model: SequenceRegressor,
     step_per: str,
@@ -55,17 +70,22 @@ def reference(
     weight_decay: float = 0.0,
     stride: int = SEGMENT,
     burn_in: int = 0,
+    draws: Any = None,
 ) -> dict[str, Any]:
     """DDP by hand in one process: per segment index, the mean over ranks of each rank's masked loss (0 when the rank
     has no segment left); one step per segment index, or per ``accumulate`` batches (losses divided by it). With
     ``stride`` < SEGMENT, overlapping windows (the loss on their new steps; the state carried from the previous
-    window after ``stride`` steps); ``burn_in`` steps first run without gradient."""
+    window after ``stride`` steps); ``burn_in`` steps first run without gradient. ``draws(batch)``: the drawn lengths
+    of a batch's segments (the same on every rank), each step's learning rate scaled by its drawn length."""
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=weight_decay)
     squared, valid, steps = 0.0, 0, 0
     data = {rank: rank_batches(rank) for rank in LAYOUT}
     for b in range(len(LAYOUT[0])):
         states: dict[int, Any] = dict.fromkeys(LAYOUT)
         windows = {rank: rank_windows(int(data[rank][b][2].max()), stride, burn_in) for rank in LAYOUT}
+        if draws is not None:
+            drawn = draws(b)
+            windows = {rank: drawn_windows(int(data[rank][b][2].max()), drawn) for rank in LAYOUT}
         if burn_in:
             with torch.no_grad():
                 states = {rank: detach_state(model.rnn(data[rank][b][0][:, :burn_in])[1]) for rank in LAYOUT}
@@ -91,6 +111,8 @@ def reference(
                 valid += int(mask.sum())
             (loss / WORLD / accumulate).backward()
             last = index == most - 1 and ((b + 1) % accumulate == 0 or b == len(LAYOUT[0]) - 1)
+            if draws is not None:
+                optimizer.param_groups[0]["lr"] = LR * drawn[index] / SEGMENT
             if step_per == "segment" or last:
                 optimizer.step()
                 optimizer.zero_grad()
@@ -108,11 +130,15 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.utils.data import DataLoader
 from torchmetrics import MeanSquaredError
 
-from lightning_tbptt import MaskedMetric, TBPTTCallback, current_segment, masked_mean
+from lightning_tbptt import DynamicEvaluation, MaskedMetric, RandomLengths, TBPTTCallback, current_segment, masked_mean
 from tests.helpers import LR, MOMENTUM, SequenceRegressor, make_trainer
 from tests.test_distributed import SEGMENT, WEIGHT_DECAY, rank_batches
 
 strategy_name, step_per, root = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+RANDOM = {
+    "random": {"random_lengths": RandomLengths(seed=5, std=1.5, minimum=1, scale_lr=True)},
+    "dynamic": {"dynamic_eval": DynamicEvaluation(lr=0.5)},
+}
 scenario = sys.argv[4] if len(sys.argv) > 4 else ""
 synced = []  # gradient all-reduces (DDP communication hook calls)
 reduced = []  # every all-reduce (the hook's too)
@@ -141,6 +167,7 @@ class Model(SequenceRegressor):
         self.per_batch = []
         self.counts = []  # `current_segment().count` after every backward, idle steps included
         self.probes = []  # with "auto": (batch, length probed, suggested, length chosen) of every probe
+        self.val_losses = []  # with "dynamic": every validation segment's loss
 
     def configure_optimizers(self):
         decay = WEIGHT_DECAY if scenario == "unused" else 0.0
@@ -154,6 +181,15 @@ class Model(SequenceRegressor):
         prediction = self(x)
         self.metric.update(prediction.squeeze(-1), y.squeeze(-1))
         return masked_mean((prediction - y).pow(2).squeeze(-1))
+
+    def validation_step(self, batch, batch_idx):
+        x, y, lengths = batch
+        loss = masked_mean((self(x) - y).pow(2).squeeze(-1))
+        self.val_losses.append(float(loss))
+        return loss
+
+    def val_dataloader(self):
+        return DataLoader(rank_batches(self.trainer.global_rank), batch_size=None)
 
     def train_dataloader(self):
         batches = rank_batches(self.trainer.global_rank)
@@ -188,6 +224,7 @@ class Model(SequenceRegressor):
             "metric": float(self.metric.compute()),
             "counts": self.counts,
             "probes": self.probes,
+            "val_losses": self.val_losses,
         }
         torch.save(result, root / f"rank{self.trainer.global_rank}.pt")
 
@@ -212,10 +249,14 @@ if __name__ == "__main__":
     if step_per == "auto":  # every batch probed; a grid of 2, 4, 8
         callback = TBPTTCallback("auto", lengths=2, probe_every=1, min_segment_length=2, max_segment_length=8)
     else:
-        callback = TBPTTCallback(SEGMENT, lengths=2, **windows, **exact)
+        callback = TBPTTCallback(SEGMENT, lengths=2, **windows, **exact, **RANDOM.get(scenario, {}))
     options = dict(max_epochs=1, strategy=strategy_name, devices=2, use_distributed_sampler=False)
+    if scenario != "dynamic":
+        options["limit_val_batches"] = 0
     if scenario == "unused":
         options["accumulate_grad_batches"] = 2
+    if scenario == "dynamic":
+        options["num_sanity_val_steps"] = 0
     make_trainer(root, [callback], **options).fit(model)
     # Lightning destroys a gloo process group at no exit: freeing gloo's threads while the interpreter shuts down can
     # abort the process (SIGABRT) after its results are written
@@ -373,3 +414,56 @@ def test_auto_segment_length_is_the_longest_any_process_proposes_and_the_ranks_s
     assert ranks[0]["global_step"] == ranks[1]["global_step"]
     for name, value in ranks[0]["parameters"].items():
         assert torch.equal(value, ranks[1]["parameters"][name]), name
+
+
+def awd_lengths(batch: int, count: int = 12) -> list[int]:
+    """The lengths `RandomLengths(seed=5, std=1.5, minimum=1)` draws for a batch, by its documented rule."""
+    generator = random.Random(f"5:0:{batch}")
+    drawn = []
+    for _ in range(count):
+        centre = SEGMENT if generator.random() < 0.95 else SEGMENT / 2
+        drawn.append(max(1, int(generator.gauss(centre, 1.5))))
+    return drawn
+
+
+@SLOW
+def test_every_process_draws_the_same_lengths_and_scales_its_steps_alike(tmp_path):
+    ranks = run_ddp(tmp_path, "ddp", "segment", "random")
+    torch.manual_seed(0)
+    reference_model = SequenceRegressor(log=False).double()
+    expected = reference(reference_model, "segment", draws=awd_lengths)
+    for rank in ranks:
+        assert rank["global_step"] == expected["steps"]
+        for key, value in reference_model.state_dict().items():
+            assert torch.allclose(rank["parameters"][key], value, rtol=0, atol=1e-10), key
+        assert rank["metric"] == pytest.approx(expected["metric"], rel=1e-6)
+
+
+@SLOW
+def test_dynamic_evaluation_adapts_each_process_on_its_own_lanes_and_leaves_training_alone(tmp_path):
+    ranks = run_ddp(tmp_path, "ddp", "segment", "dynamic")
+    torch.manual_seed(0)
+    reference_model = SequenceRegressor(log=False).double()
+    reference(reference_model, "segment")  # training as without evaluation
+    for rank in ranks:
+        for key, value in reference_model.state_dict().items():
+            assert torch.allclose(rank["parameters"][key], value, rtol=0, atol=1e-10), key
+    for rank, result in enumerate(ranks):  # scored by the weights adapted on this process's earlier segments only
+        model = SequenceRegressor(log=False).double()
+        model.load_state_dict(result["parameters"])
+        params = list(model.parameters())
+        expected = []
+        for x, y, lengths in rank_batches(rank):
+            state = None
+            for start in range(0, int(lengths.max()), SEGMENT):
+                size = min(SEGMENT, x.shape[1] - start)
+                out, new_state = model.rnn(x[:, start : start + size], state)
+                errors = (model.head(out) - y[:, start : start + size]).pow(2).squeeze(-1)
+                mask = masks(lengths, start, size)
+                loss = errors[mask].sum() / mask.sum()
+                expected.append(loss.item())
+                with torch.no_grad():
+                    for p, g in zip(params, torch.autograd.grad(loss, params), strict=True):
+                        p -= 0.5 * g
+                state = detach_state(new_state)
+        assert result["val_losses"] == pytest.approx(expected, rel=1e-9)
