@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tbptt import LaneDataModule, Stepper, TBPTTCallback
+from lightning_tbptt import DynamicEvaluation, LaneDataModule, RandomLengths, Stepper, TBPTTCallback
 
 VOCAB = 256  # the corpus is read as bytes
 
@@ -110,9 +110,14 @@ class CharLM(pl.LightningModule):
         self.log("train_bpc", bpc, prog_bar=True)
         return bpc
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Logs the held-out bits per character (weighted by the characters of each segment), over all processes."""
-        self.log("val_bpc", self.bits_per_char(batch), prog_bar=True, sync_dist=True)  # every process's lanes
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Logs the held-out bits per character (weighted by the characters of each segment), over all processes.
+
+        Returns them too: the loss that dynamic evaluation adapts on.
+        """
+        bpc = self.bits_per_char(batch)
+        self.log("val_bpc", bpc, prog_bar=True, sync_dist=True)  # every process's lanes
+        return bpc
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam."""
@@ -129,8 +134,8 @@ class StepsProgressBar(pl.callbacks.TQDMProgressBar):
 
     def __init__(self, batch_steps: int, tbptt: TBPTTCallback, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.every = tbptt.training_segments(batch_steps, fresh=False)
-        self.first = tbptt.training_segments(batch_steps)
+        self.batch_steps = batch_steps
+        self.tbptt = tbptt
 
     @property
     def total_train_batches(self) -> int | float:
@@ -141,9 +146,12 @@ class StepsProgressBar(pl.callbacks.TQDMProgressBar):
         """The batches of this epoch that the run trains, ``done`` of them already."""
         trainer = self.trainer
         remaining, batches = trainer.max_steps - trainer.global_step, done
-        if remaining > 0 and done == 0:  # the epoch's first batch, with the burn-in
-            remaining, batches = remaining - self.first, 1
-        batches += max(0, -(-remaining // self.every))
+        while remaining > 0 and batches < trainer.num_training_batches:
+            # the epoch's first batch has the burn-in; with `random_lengths` each batch has the segments drawn for it
+            remaining -= self.tbptt.training_segments(
+                self.batch_steps, fresh=batches == 0, epoch=trainer.current_epoch, batch=batches
+            )
+            batches += 1
         return min(batches, trainer.num_training_batches)
 
     def trained_batches(self) -> tuple[int, int | float | None] | None:
@@ -367,6 +375,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tbptt.add_argument("--stride", type=int, default=None, help="overlapping windows: a window every k1 steps")
     tbptt.add_argument("--burn-in", type=int, default=0, help="steps run without gradient where a stream starts")
     tbptt.add_argument(
+        "--random-lengths",
+        choices=["off", "awd", "offset"],
+        default="off",
+        help="draw every training segment's length: awd (AWD-LSTM's rule around --segment-length) or offset (a random"
+        " first cut in each batch); default: off (fixed cuts)",
+    )
+    tbptt.add_argument(
         "--probe",
         type=int,
         nargs="?",
@@ -387,6 +402,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
     model.add_argument("--seed", type=int, default=0)
+    dynamic = parser.add_argument_group("dynamic evaluation (of the final model)")
+    dynamic.add_argument(
+        "--dynamic-eval",
+        choices=["rms", "sgd", "off"],
+        default="rms",
+        help="evaluate the trained model once more, adapting its weights on each held-out segment after scoring it:"
+        " the rule (rms: steps normalised by training gradients' RMS; sgd: plain steps), or off; default: rms",
+    )
+    dynamic.add_argument(
+        "--dynamic-lr", type=float, default=None, help="its step size; default: 0.001 with rms, 0.3 with sgd"
+    )
+    dynamic.add_argument(
+        "--dynamic-decay", type=float, default=0.0, help="its pull back towards the trained weights; default: 0"
+    )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
         "--sample", type=int, default=200, help="characters to generate from the model after training; default: 200"
@@ -412,15 +441,19 @@ def end_of_batch(max_steps: int, lane_length: int, batch_steps: int, tbptt: TBPT
     8
     """
     batches = math.ceil(lane_length / batch_steps)
-    per_batch = [
-        tbptt.training_segments(min(batch_steps, lane_length - b * batch_steps), fresh=b == 0) for b in range(batches)
-    ]
-    step = max_steps // sum(per_batch) * sum(per_batch)  # whole epochs
-    for steps in per_batch:
-        if step >= max_steps:
-            break
-        step += steps
-    return step
+    step, epoch = 0, 0
+    while True:
+        per_batch = [
+            tbptt.training_segments(min(batch_steps, lane_length - b * batch_steps), fresh=b == 0, epoch=epoch, batch=b)
+            for b in range(batches)
+        ]
+        if tbptt.random_lengths is None:  # every epoch alike: skip the whole ones
+            step += (max_steps - step) // sum(per_batch) * sum(per_batch)
+        for steps in per_batch:
+            if step >= max_steps:
+                return step
+            step += steps
+        epoch += 1
 
 
 def _check(args: argparse.Namespace) -> str | None:
@@ -442,6 +475,10 @@ def _check(args: argparse.Namespace) -> str | None:
         raise SystemExit(
             f"error: argument --burn-in: expected 0 to --batch-steps - 1 ({args.batch_steps - 1}), got {args.burn_in}"
         )
+    if args.dynamic_lr is not None and not (args.dynamic_lr > 0 and math.isfinite(args.dynamic_lr)):
+        raise SystemExit(f"error: argument --dynamic-lr: expected a positive step size, got {args.dynamic_lr}")
+    if not (args.dynamic_decay >= 0 and math.isfinite(args.dynamic_decay)):
+        raise SystemExit(f"error: argument --dynamic-decay: expected a number >= 0, got {args.dynamic_decay}")
     if args.sample < 0:
         raise SystemExit(f"error: argument --sample: expected a number of characters >= 0, got {args.sample}")
     if not (args.temperature > 0 and math.isfinite(args.temperature)):
@@ -451,7 +488,15 @@ def _check(args: argparse.Namespace) -> str | None:
     if args.probe is not None:
         if args.probe < 1:
             raise SystemExit(f"error: argument --probe: expected a positive number of batches, got {args.probe}")
-        clash = "--stride" if args.stride is not None else "--burn-in" if args.burn_in else None
+        clash = (
+            "--stride"
+            if args.stride is not None
+            else "--burn-in"
+            if args.burn_in
+            else "--random-lengths"
+            if args.random_lengths != "off"
+            else None
+        )
         if clash is not None:
             raise SystemExit(
                 f"error: argument --probe: not with {clash} (the probe measures plain segments); leave one out"
@@ -599,6 +644,7 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         stride=args.stride,
         burn_in=args.burn_in,
         probe_every=args.probe,
+        random_lengths=None if args.random_lengths == "off" else RandomLengths(args.random_lengths, seed=args.seed),
     )
     max_steps = end_of_batch(args.max_steps, lane_length, args.batch_steps, tbptt)
     model = CharLM(args.embedding_size, args.hidden_size, args.lr)
@@ -676,6 +722,7 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
     if not rows or rows[-1][0] != trainer.global_step:
         final = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
         rows.append((trainer.global_step, history.characters, final))
+    dynamic = None if args.dynamic_eval == "off" else dynamic_evaluation(model, data, args, train_path)
     seconds = time.perf_counter() - started
     peak_mib = _peak_rss_mib()
 
@@ -694,6 +741,13 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         f"result: held-out {after:.3f} bits per character after {trainer.global_step} steps"
         f" ({'improved from' if after < first else 'NOT improved from'} {first:.3f});{below}"
     )
+    if dynamic is not None:
+        decay = f", decay {args.dynamic_decay:g}" if args.dynamic_decay else ""
+        say(
+            f"dynamic evaluation ({args.dynamic_eval}, lr {dynamic_lr(args):g}{decay}):"
+            f" held-out {dynamic:.3f} bits per character, {100 * (after - dynamic) / after:.1f} % below the static"
+            f" {after:.3f} (each segment scored before the weights adapt on it; the trained weights are unchanged)"
+        )
     say(f"peak memory: {peak_mib:,.0f} MiB resident (the corpus is memory-mapped and read a batch at a time)")
     if trainer.strategy.root_device.type == "cuda":
         cuda_mib = torch.cuda.max_memory_allocated(trainer.strategy.root_device) / 2**20
@@ -722,7 +776,48 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
         "seconds": seconds,
         "probes": probes.results,
         "sample": text,
+        "dynamic": dynamic,
     }
+
+
+def dynamic_lr(args: argparse.Namespace) -> float:
+    """The step size of ``--dynamic-eval``: ``--dynamic-lr``, or the rule's default."""
+    if args.dynamic_lr is not None:
+        return float(args.dynamic_lr)
+    return 1e-3 if args.dynamic_eval == "rms" else 0.3
+
+
+def dynamic_evaluation(model: CharLM, data: LaneDataModule, args: argparse.Namespace, train_path: Path) -> float:
+    """The held-out bits per character with dynamic evaluation (``--dynamic-eval``); the model is left as it was.
+
+    The ``rms`` rule's gradient statistics come from the first two training batches.
+    """
+
+    def statistics() -> Any:
+        return LaneDataModule(
+            str(train_path), lanes=args.lanes, steps=args.batch_steps, target_shift=1
+        ).train_dataloader()
+
+    settings = DynamicEvaluation(
+        lr=dynamic_lr(args),
+        rule=args.dynamic_eval,
+        decay=args.dynamic_decay,
+        statistics=statistics,
+        statistics_batches=2,
+    )
+    callback = TBPTTCallback(args.segment_length, streaming=True, resets="starts", dynamic_eval=settings)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=_devices(args.devices),
+        precision=args.precision,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+    )
+    bpc: float = trainer.validate(model, datamodule=data, verbose=False)[0]["val_bpc"]
+    return bpc
 
 
 def sample(model: CharLM, prompt: str, count: int, temperature: float, seed: int) -> str:

@@ -1,7 +1,9 @@
 """The main job, `lightning-tbptt demo`: its command line, a short run, exact resume after an interruption."""
 
 import ast
+import copy
 import itertools
+import math
 import re
 import shlex
 import signal
@@ -13,11 +15,13 @@ import warnings
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lightning_tbptt
-from lightning_tbptt import TBPTTCallback, demo
+from lightning_tbptt import LaneDataModule, TBPTTCallback, demo
 from lightning_tbptt.__main__ import build_parser, main
 from lightning_tbptt.windows import windows as plan_windows
 
@@ -523,3 +527,35 @@ def test_end_of_batch_follows_the_burn_in_and_the_short_last_batch_of_each_epoch
         expected = min(end for end in ends if end >= max_steps)
         assert demo.end_of_batch(max_steps, 200, 64, TBPTTCallback(32, burn_in=16)) == expected, max_steps
     assert demo.end_of_batch(5, 200, 64, TBPTTCallback(32, stride=16)) == 6  # windows every 16 steps: 3, 3, 3, 1
+
+
+def test_dynamic_evaluation_equals_the_hand_written_score_then_update_loop(tmp_path):
+    corpus = np.frombuffer(b"def f(x):\n    return x + 1\n" * 300, dtype=np.uint8)
+    np.save(tmp_path / "train.npy", corpus[:6000])
+    np.save(tmp_path / "val.npy", corpus[6000:])
+    args = build_parser().parse_args([*TINY, "--dynamic-eval=sgd", "--dynamic-lr=0.5"])
+    data = LaneDataModule(str(tmp_path / "train.npy"), str(tmp_path / "val.npy"), lanes=4, steps=64, target_shift=1)
+    torch.manual_seed(0)
+    model = demo.CharLM(embedding_size=8, hidden_size=16)
+    trained = [p.detach().clone() for p in model.parameters()]
+    reference = copy.deepcopy(model)
+    result = demo.dynamic_evaluation(model, data, args, tmp_path / "train.npy")
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained, strict=True))
+    params = list(reference.parameters())
+    state, total, count = None, 0.0, 0
+    data.setup("validate")
+    for b, batch in enumerate(data.val_dataloader()):
+        assert not batch["starts"][:, 1:].any() and (b == 0) == bool(batch["starts"][:, 0].all())
+        for start in range(0, batch["input"].shape[1], 16):
+            x, y = batch["input"][:, start : start + 16], batch["target"][:, start : start + 16]
+            out, new_state = reference.lstm(reference.embed(x.long()), state)
+            bpc = F.cross_entropy(reference.head(out).flatten(0, 1), y.long().flatten()) / math.log(2)
+            total, count = total + bpc.item() * x.shape[1], count + x.shape[1]
+            with torch.no_grad():
+                for p, g in zip(params, torch.autograd.grad(bpc, params), strict=True):
+                    p -= 0.5 * g
+            state = tuple(s.detach() for s in new_state)
+    assert result == pytest.approx(total / count, rel=1e-5)
+    unadapted = build_parser().parse_args([*TINY, "--dynamic-lr=1e-12"])
+    static = demo.dynamic_evaluation(model, data, unadapted, tmp_path / "train.npy")
+    assert result < static  # it adapted to the repeating text
