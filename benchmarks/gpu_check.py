@@ -13,6 +13,9 @@
 5. ``exact=True`` against a loop that keeps every segment's graph and steps once per batch, without dropout, with
    ``nn.Dropout`` (CUDA generator replayed) and with dropout between ``nn.LSTM`` layers (drawn by cuDNN), each with a
    truncated control that must differ.
+6. Dynamic evaluation (``dynamic_eval``) of a cuDNN LSTM in eval mode, whose backward cuDNN refuses (the callback
+   turns cuDNN off around each adapting step): the score on the device against the CPU's, the trained weights back
+   bitwise, and below the static score.
 
 Every check prints PASS, FAIL or SKIP with its numbers; the exit status is 1 if any check failed. ``--device cpu
 --quick`` smoke-tests the script on a machine without a GPU (the GPU-only parts are reported as SKIP)::
@@ -47,7 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_tbptt
-from lightning_tbptt import TBPTTCallback
+from lightning_tbptt import DynamicEvaluation, TBPTTCallback
 from lightning_tbptt.data import LaneDataModule
 
 LR = 0.05
@@ -718,6 +721,49 @@ def check_exact(report: Report, ctx: Context, name: str, between_layers: float |
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# 6. Dynamic evaluation on the device (cuDNN refuses an RNN's backward in eval mode: the callback turns it off)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class Scored(Regressor):
+    """The regressor, returning its loss from ``validation_step`` (what dynamic evaluation adapts on)."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+
+def check_dynamic_eval(report: Report, ctx: Context, name: str) -> None:
+    """Dynamic evaluation of an LSTM on the device against the same on the CPU; the weights bitwise back."""
+    s = ctx.sizes
+    loader = regression_loader(s.eq_sequences, s.eq_length, s.eq_input, s.eq_batch)
+    torch.manual_seed(0)
+    model = Scored("lstm", s.eq_input, s.eq_hidden)
+    trained = [p.detach().clone() for p in model.parameters()]
+    scores = {}
+    for accelerator in ("gpu" if ctx.cuda else "cpu", "cpu"):
+        callback = TBPTTCallback(s.eq_segment, dynamic_eval=DynamicEvaluation(lr=0.5))
+        trainer = pl.Trainer(
+            accelerator=accelerator, devices=1, callbacks=[callback], logger=False, enable_progress_bar=False
+        )
+        scores[accelerator] = trainer.validate(model, loader, verbose=False)[0]["val_loss"]
+        model.cpu()
+    static = pl.Trainer(accelerator="cpu", devices=1, callbacks=[TBPTTCallback(s.eq_segment)], logger=False)
+    unadapted = static.validate(model, loader, verbose=False)[0]["val_loss"]
+    device, cpu = scores.values()
+    back = all(torch.equal(p, q) for p, q in zip(model.parameters(), trained, strict=True))
+    ok = abs(device - cpu) <= 1e-4 * abs(cpu) and back and cpu < unadapted
+    report.result(
+        name,
+        verdict(ok),
+        f"val_loss on the device {device:.6f}, on the CPU {cpu:.6f}, static {unadapted:.6f}; trained weights back"
+        f" bitwise: {back}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # 4. Pinned batches from LaneDataModule
 # --------------------------------------------------------------------------------------------------------------------
 
@@ -821,6 +867,7 @@ def main() -> int:
             ("5a exact=True, float32", lambda name: check_exact(report, ctx, name, None)),
             ("5b exact=True with nn.Dropout", lambda name: check_exact(report, ctx, name, 0.0)),
             ("5c exact=True with dropout inside nn.LSTM", lambda name: check_exact(report, ctx, name, 0.3)),
+            ("6 dynamic evaluation, cuDNN LSTM in eval mode", lambda name: check_dynamic_eval(report, ctx, name)),
             (
                 "2d streamed peak GPU memory at the longest T",
                 lambda name: check_longest_stream(report, ctx, name, streamed),

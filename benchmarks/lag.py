@@ -9,6 +9,13 @@ same order, with Adam and ``gradient_clip_val=1.0``, in these configurations:
 * ``TBPTT k=...``: ``TBPTTCallback(segment_length=k)`` with ``k = L/4, L/2, 2L``, one optimizer step per segment. A
   target whose source lies in an earlier segment gets no gradient through the state that carries it, so ``k < L``
   cannot learn the task; with ``k = 2L`` only the targets in the last ``k - L`` steps of a segment can;
+* ``TBPTT k=L``: ``TBPTTCallback(segment_length=L)``: the cuts fall every ``L`` steps, so the source of every target
+  lies in the segment before it: the task is not learned however long the training;
+* ``random k~L (AWD)`` and ``random k~L/2 (AWD)``: ``TBPTTCallback(segment_length=k,
+  random_lengths=RandomLengths())``, AWD-LSTM's lengths around ``k`` (standard deviation 5, at least 5): the cuts move
+  from batch to batch, and segments longer than ``L`` give the targets after their first ``L`` steps a gradient;
+* ``random first cut k=L``: ``RandomLengths("offset")``: segments of ``L`` steps after a first one of random length;
+  every cut still lies ``L`` steps before the next;
 * ``windows 2L/L/2``: ``TBPTTCallback(segment_length=2L, stride=L//2)``, windows of ``2L`` steps every ``L/2`` steps,
   one optimizer step per window; the loss is on each window's new steps (the model marks the window's overlap as not
   scored, from :func:`~lightning_tbptt.current_segment`), each backpropagated through at least ``1.5 L`` steps;
@@ -37,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_tbptt import TBPTTCallback, current_segment
+from lightning_tbptt import RandomLengths, TBPTTCallback, current_segment
 
 IGNORE = -100  # the target of an unscored step
 
@@ -115,6 +122,10 @@ def configurations(lag: int) -> dict[str, tuple[type[Copier], Callable[[], list[
     return {
         f"TBPTT k={short} (L/4)": (Copier, lambda: [TBPTTCallback(short)]),
         f"TBPTT k={half} (L/2)": (Copier, lambda: [TBPTTCallback(half)]),
+        f"TBPTT k={lag} (L)": (Copier, lambda: [TBPTTCallback(lag)]),
+        f"random k~{lag} (L, AWD)": (Copier, lambda: [TBPTTCallback(lag, random_lengths=RandomLengths())]),
+        f"random k~{half} (L/2, AWD)": (Copier, lambda: [TBPTTCallback(half, random_lengths=RandomLengths())]),
+        f"random first cut k={lag} (L)": (Copier, lambda: [TBPTTCallback(lag, random_lengths=RandomLengths("offset"))]),
         f"TBPTT k={window} (2L)": (Copier, lambda: [TBPTTCallback(window)]),
         f"windows {window}/{half} (2L/L/2)": (NewStepsCopier, lambda: [TBPTTCallback(window, stride=half)]),
         f"exact k={short} (L/4)": (Copier, lambda: [TBPTTCallback(short, exact=True)]),
@@ -173,14 +184,14 @@ def main() -> None:
         f" {args.batches} batches x {args.epochs} epochs, Adam lr={args.lr}, gradient_clip_val={args.clip},"
         f" {args.threads} torch thread(s), torch {torch.__version__}, pytorch-lightning {pl.__version__}"
     )
-    print(f"{'configuration':<28}{'opt steps':>10}{'seconds':>9}{'accuracy':>10}", flush=True)
+    print(f"{'configuration':<30}{'opt steps':>10}{'seconds':>9}{'accuracy':>10}", flush=True)
     for name, (model_class, callbacks) in configurations(args.lag).items():
         if args.only and not any(name.startswith(prefix) for prefix in args.only):
             continue
         model = model_class(args.vocab, args.hidden_size, args.lr)
         model.load_state_dict(initial)
         steps, seconds = train(model, loader, callbacks(), args)
-        print(f"{name:<28}{steps:>10}{seconds:>9.1f}{accuracy(model, held_out):>10.3f}", flush=True)
+        print(f"{name:<30}{steps:>10}{seconds:>9.1f}{accuracy(model, held_out):>10.3f}", flush=True)
     chance = 1 / args.vocab
     print(f"held-out accuracy on the scored steps of {args.eval_size} fresh sequences; chance is 1/V = {chance:.3f}")
 

@@ -11,16 +11,17 @@ parameter ``θ`` is updated after the segment, in place:
 * ``rule="sgd"``: ``θ ← θ - lr·g + decay·(θ₀ - θ)``;
 * ``rule="rms"`` (the paper's RMS-normalised rule with decay back to the trained weights):
   ``θ ← θ - lr·g / (√MS + eps) + decay·r·(θ₀ - θ)``, where ``MS`` is the mean of the squared gradients of
-  ``training_step``'s loss over the segments of ``statistics_batches`` training batches (computed at the start of
-  each evaluation run, with the trained weights), and ``r = √MS / mean(√MS)`` (the mean over every entry of every
-  parameter), clipped at ``1/decay``, so that parameters whose gradients are large on training data decay faster.
+  ``training_step``'s loss over the segments of the first ``statistics_batches`` batches of ``statistics`` (computed
+  at the start of each evaluation run, with the trained weights), and ``r = √MS / mean(√MS)`` (the mean over every
+  entry of every parameter), clipped at ``1/decay``, so that parameters whose gradients are large on training data
+  decay faster.
 
 The trained weights are kept at the start of each evaluation run (each dataloader of a run starts from them again)
 and copied back, bitwise, when it ends or raises; the gradients are taken with :func:`torch.autograd.grad`, so the
 parameters' ``.grad`` and the training optimizer (its state, its learning rates) are never touched.
 
 Example:
-    >>> DynamicEvaluation(lr=1e-4, rule="rms", decay=2e-3)
+    >>> DynamicEvaluation(lr=1e-4, rule="rms", decay=2e-3, statistics=[])
     DynamicEvaluation(lr=0.0001, rule='rms', decay=0.002, eps=2e-05, stages=('validate', 'test', 'predict'), ...)
 
 """
@@ -54,8 +55,9 @@ class DynamicEvaluation:
         loss: ``loss(output, segment_batch) -> Tensor``: the loss to adapt on, from what the step returned for a
             segment. ``None``: the step's output itself when it is a tensor, or its ``"loss"`` entry (so
             ``validation_step`` and ``test_step`` must return their loss). Needed for ``"predict"``.
-        statistics: With ``rule="rms"``: the training batches for ``MS``, an iterable (e.g. a ``DataLoader``) or a
-            callable that returns one. ``None``: the datamodule's ``train_dataloader()``.
+        statistics: With ``rule="rms"`` (needed there): the training batches for ``MS``, an iterable (e.g. a
+            ``DataLoader``) or a callable that returns one (called at the start of each evaluation run). A loader of
+            its own rather than the fit's: the fit's training loader may be in the middle of an epoch.
         statistics_batches: With ``rule="rms"``: how many batches of ``statistics`` to take (≥ 1).
 
     """
@@ -90,6 +92,12 @@ class DynamicEvaluation:
             raise ConfigurationError(
                 f"Expected argument `loss` of `DynamicEvaluation` to be a callable `loss(output, segment_batch)` or"
                 f" None but got {self.loss!r:.80}."
+            )
+        if self.rule == "rms" and self.statistics is None:
+            raise ConfigurationError(
+                "Expected argument `statistics` of `DynamicEvaluation(rule='rms')` to give training batches for the"
+                " gradient statistics but got None. Pass e.g. `statistics=train_loader`, or a callable that returns a"
+                " fresh training loader (not the one the fit is iterating)."
             )
         if (
             not isinstance(self.statistics_batches, int)
@@ -151,7 +159,6 @@ class Adapter:
         """With ``"rms"``: ``√MS + eps`` per parameter."""
         self.rates: list[Tensor] | None = None
         """With ``"rms"``: the decay rates ``r`` per parameter, clipped at ``1/decay``."""
-        self.updates = 0
 
     def set_statistics(self, squared_sums: Sequence[Tensor], count: int) -> None:
         """``MS`` from the sums of squared gradients over ``count`` segments."""
@@ -188,7 +195,6 @@ class Adapter:
                     parameter.sub_(settings.lr * scaled)
                 if pull is not None:
                     parameter.add_(pull)
-        self.updates += 1
 
     def restore(self) -> None:
         """Copy the trained weights back (bitwise)."""

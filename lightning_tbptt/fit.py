@@ -612,15 +612,7 @@ class Fit:
         """``MS`` for the ``"rms"`` rule: squared gradients of ``training_step``'s loss on training batches."""
         settings = adapter.settings
         source = settings.statistics
-        if source is None:
-            datamodule = getattr(self.trainer, "datamodule", None)
-            if datamodule is None or not is_overridden("train_dataloader", datamodule, self.trainer):
-                raise ConfigurationError(
-                    "Expected `DynamicEvaluation(rule='rms')` to get training batches for its gradient statistics but"
-                    " got `statistics=None` and no datamodule with a `train_dataloader`. Pass"
-                    " `DynamicEvaluation(..., statistics=train_loader)` (an iterable of training batches)."
-                )
-            source = datamodule.train_dataloader
+        assert source is not None  # checked when made
         batches = source() if callable(source) else source
         module = self.trainer.lightning_module
         squared = [torch.zeros_like(p) for p in adapter.parameters]

@@ -11,7 +11,7 @@ from pytorch_lightning.cli import LightningCLI
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_tbptt import ConfigurationError, TBPTTCallback, masked_mean
+from lightning_tbptt import ConfigurationError, DynamicEvaluation, RandomLengths, TBPTTCallback, masked_mean
 
 # 12 padded sequences of 10 steps in batches of 4, the first 2 batches run, segments of 3: 4 segments per batch
 SEQUENCES, STEPS, BATCH_SIZE, BATCHES, SEGMENT_LENGTH = 12, 10, 4, 2, 3
@@ -195,3 +195,21 @@ def test_state_specs_parse_from_yaml_and_train(tmp_path, value):
     (spec,) = callback.recurrent_modules.values()
     assert (spec.state_in, spec.state_out) == ("hx", (1,))
     assert cli.trainer.global_step == BATCHES * SEGMENTS
+
+
+OPTIONS_CALLBACK = CALLBACK + "        random_lengths: {random_lengths}\n        dynamic_eval: {dynamic_eval}\n"
+
+
+def test_random_lengths_and_dynamic_eval_parse_from_yaml_and_train(tmp_path):
+    config = write_config(
+        tmp_path,
+        callback=OPTIONS_CALLBACK,
+        random_lengths="{rule: offset, seed: 3}",
+        dynamic_eval="{lr: 0.01, rule: sgd, stages: [test]}",
+    )
+    cli = run_cli(config)
+    callback = tbptt_callback(cli)
+    assert callback.random_lengths == RandomLengths("offset", seed=3)
+    assert callback.dynamic_eval == DynamicEvaluation(0.01, "sgd", stages=("test",))
+    drawn = [callback.training_segments(STEPS, epoch=0, batch=b) for b in range(BATCHES)]
+    assert cli.trainer.global_step == sum(drawn)

@@ -261,13 +261,6 @@ def test_a_step_that_returns_no_loss_is_refused(tmp_path: Any) -> None:
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained, strict=True))
 
 
-def test_rms_without_training_batches_is_refused(tmp_path: Any) -> None:
-    model = trained_model(tmp_path)
-    callback = TBPTTCallback(K, dynamic_eval=DynamicEvaluation(lr=0.5, rule="rms"))
-    with pytest.raises(ConfigurationError, match=r"got `statistics=None` and no datamodule"):
-        make_trainer(tmp_path, [callback]).validate(model, val_loader(), verbose=False)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -279,6 +272,7 @@ def test_rms_without_training_batches_is_refused(tmp_path: Any) -> None:
         ({"lr": 1, "stages": ()}, r"`stages`"),
         ({"lr": 1, "loss": 3}, r"`loss` .* but got 3"),
         ({"lr": 1, "statistics_batches": 0}, r"`statistics_batches` .* but got 0"),
+        ({"lr": 1, "rule": "rms"}, r"`statistics` of `DynamicEvaluation\(rule='rms'\)` to give training batches"),
     ],
 )
 def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
@@ -287,7 +281,7 @@ def test_bad_settings_are_refused(kwargs: dict[str, Any], message: str) -> None:
 
 
 def test_dynamic_eval_arguments_of_the_callback() -> None:
-    assert TBPTTCallback(8, dynamic_eval={"lr": 0.1, "rule": "rms"}).dynamic_eval == DynamicEvaluation(0.1, "rms")
+    assert TBPTTCallback(8, dynamic_eval={"lr": 0.1, "decay": 0.5}).dynamic_eval == DynamicEvaluation(0.1, decay=0.5)
     with pytest.raises(ConfigurationError, match=r"`dynamic_eval` to be a `DynamicEvaluation`, a mapping"):
         TBPTTCallback(8, dynamic_eval=0.1)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match=r"`dynamic_eval` to hold the fields of `DynamicEvaluation`"):

@@ -327,3 +327,12 @@ def test_counting_fixed_segments_is_refused_with_random_lengths() -> None:
     while sum(expected) < 40:
         expected.append(min(next(drawn), 40 - sum(expected)))
     assert callback.random_lengths.lengths(K, 40, epoch=0, batch=0) == expected
+
+
+def test_resuming_with_other_random_lengths_warns(tmp_path: Path) -> None:
+    resumed_fit(tmp_path / "whole")
+    torch.manual_seed(0)
+    callback = TBPTTCallback(5, streaming=True, resets="starts", random_lengths=RandomLengths(seed=3, std=2, minimum=1))
+    trainer = make_trainer(tmp_path / "other", [callback], max_epochs=2)
+    with pytest.warns(UserWarning, match=r"trained with `TBPTTCallback\(random_lengths=\{'rule': 'awd', 'seed': 2"):
+        trainer.fit(StreamRegressor().double(), datamodule=stream_data(), ckpt_path=tmp_path / "whole" / "batch=2.ckpt")
