@@ -301,16 +301,13 @@ class Fit:
         """Plan the segments of ``batch``: burn-in where the stream starts from zeros; windows overlap in training."""
         settings, facts = self.settings, self.facts
         if facts.splitter is None:
-            geometry, layout = settings.geometry, settings.layout
+            geometry = settings.geometry
             fresh = not settings.streaming or not self.streams[stream].lanes
             drawn = self._draw() if stream == TRAIN and settings.random_lengths is not None else None
             return plan_segments(
                 batch,
                 self.segment_length,
-                time_dim=layout.time_dim,
-                lengths=layout.lengths,
-                drop_finished=layout.drop_finished,
-                resets=layout.resets,
+                **self._layout(),
                 stride=geometry.stride if stream == TRAIN else None,
                 burn_in=geometry.burn_in if fresh else 0,
                 whole_burn_in=stream != TRAIN,
@@ -331,6 +328,16 @@ class Fit:
                 " list with one batch per segment, in time order."
             )
         return plan_custom_segments(segments, settings.layout.time_dim, source)
+
+    def _layout(self) -> dict[str, Any]:
+        """Where the batches keep time, lengths and reset markers, and whether finished rows are dropped."""
+        layout = self.settings.layout
+        return {
+            "time_dim": layout.time_dim,
+            "lengths": layout.lengths,
+            "drop_finished": layout.drop_finished,
+            "resets": layout.resets,
+        }
 
     def _draw(self) -> Iterator[int]:
         """The lengths of the next training batch's windows, drawn for its epoch and index, kept in :attr:`drawn`."""
@@ -484,21 +491,14 @@ class Fit:
 
     def _measure(self, kwargs: Any, stream: Stream) -> ProbeResult:
         """Run the probe on ``kwargs["batch"]``, from the state ``stream`` carries into it."""
-        probe, layout = self.settings.probe, self.settings.layout
+        probe = self.settings.probe
         assert probe is not None
         timer = Timer()
         length = self.segment_length
         horizon = probe.span(length)
         lengths = candidate_lengths(probe, length, horizon)
         band = band_length(lengths, length)
-        bands_plan = plan_segments(
-            kwargs["batch"],
-            band,
-            time_dim=layout.time_dim,
-            lengths=layout.lengths,
-            drop_finished=layout.drop_finished,
-            resets=layout.resets,
-        )
+        bands_plan = plan_segments(kwargs["batch"], band, **self._layout())
         module = self.trainer.lightning_module
         before = Boundary(stream.state.carried, stream.state.rows)
         buffers = [buffer.detach().clone() for buffer in module.buffers()]
@@ -618,16 +618,8 @@ class Fit:
         squared = [torch.zeros_like(p) for p in adapter.parameters]
         count = 0
         stream = Stream("statistics")
-        layout = self.settings.layout
         for index, batch in zip(range(settings.statistics_batches), batches, strict=False):
-            plan = plan_segments(
-                batch,
-                self.segment_length,
-                time_dim=layout.time_dim,
-                lengths=layout.lengths,
-                drop_finished=layout.drop_finished,
-                resets=layout.resets,
-            )
+            plan = plan_segments(batch, self.segment_length, **self._layout())
             stream.begin_batch(plan, self.settings.streaming)
             self._prepare_transfer(batch)
             for planned in plan:

@@ -133,6 +133,36 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = 
         ConfigurationError,
         r"TBPTTCallback\(burn_in=3\)` cannot be combined",
     ),
+    "random_lengths with a probe": (
+        {"probe_every": 5, "random_lengths": {"seed": 1}},
+        {},
+        ConfigurationError,
+        r"`TBPTTCallback\(probe_every=5\)` cannot be combined with `random_lengths`",
+    ),
+    "random_lengths scale_lr with step_per='batch'": (
+        {"exact": True, "random_lengths": {"scale_lr": True}},
+        {},
+        ConfigurationError,
+        r"but `TBPTTCallback\(step_per='batch', exact=True\)` takes one step per batch",
+    ),
+    "random_lengths scale_lr with stride": (
+        {"stride": 4, "random_lengths": {"scale_lr": True}},
+        {},
+        ConfigurationError,
+        r"`RandomLengths\(scale_lr=True\)` cannot be combined with `stride=4`",
+    ),
+    "dynamic_eval with evaluate=False": (
+        {"evaluate": False, "dynamic_eval": {"lr": 0.1}},
+        {},
+        ConfigurationError,
+        r"but `evaluate=False` leaves evaluation to Lightning",
+    ),
+    "random_lengths with a custom split": (
+        {"random_lengths": {}},
+        {"callback_splits": True},
+        ConfigurationError,
+        r"`TBPTTCallback\(random_lengths=...\)` cannot be combined with a custom `split_batch`",
+    ),
     "training_step(dataloader_iter)": (
         {},
         {"fetches_batches": True, "module": "Net"},
@@ -278,6 +308,7 @@ def test_the_callback_reads_its_settings_and_does_not_let_them_change():
         "exact": False,
         "time_dim": 1,
         "loss_on": "new",
+        "random_lengths": None,
     }
     assert re.fullmatch(r"TBPTTCallback\(segment_length=8, time_dim=1, step_per='batch'\)", repr(callback))
     exact = TBPTTCallback(8, exact=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import lightning_tbptt
-from lightning_tbptt import LaneDataModule, TBPTTCallback, demo
+from lightning_tbptt import LaneDataModule, RandomLengths, TBPTTCallback, demo
 from lightning_tbptt.__main__ import build_parser, main
 from lightning_tbptt.windows import windows as plan_windows
 
@@ -83,6 +83,7 @@ def test_short_run_learns_and_reports(capsys):
     assert result["after"] < result["history"][0][2] < result["before"]
     assert "unigram entropy of the corpus" in out
     assert f"held-out {result['after']:.3f} bits per character after 24 steps (improved from" in out
+    assert f"dynamic evaluation (rms, lr 0.001): held-out {result['dynamic']:.3f} bits per character" in out
     assert "peak memory:" in out
     assert 100 < result["peak_mib"] < 4096  # MiB: torch and Lightning alone take more than 100
     assert 3.5 < result["unigram_entropy"] < 6  # source code: far from uniform over 256 bytes
@@ -242,6 +243,10 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         (["--sample=5", "--prompt="], "argument --prompt: expected at least one character for the model to continue"),
         (["--probe", "--stride=8"], r"argument --probe: not with --stride \(the probe measures plain segments\)"),
         (["--probe=4", "--burn-in=4"], "argument --probe: not with --burn-in"),
+        (["--probe=4", "--random-lengths=awd"], "argument --probe: not with --random-lengths"),
+        (["--dynamic-lr=0"], "argument --dynamic-lr: expected a positive step size, got 0.0"),
+        (["--dynamic-lr=nan"], "argument --dynamic-lr: expected a positive step size, got nan"),
+        (["--dynamic-decay=-1"], "argument --dynamic-decay: expected a number >= 0, got -1.0"),
         (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
         (["--chars=1000000000000", "--held-out=1000"], "argument --chars: the standard library at .* holds"),
     ],
@@ -559,3 +564,12 @@ def test_dynamic_evaluation_equals_the_hand_written_score_then_update_loop(tmp_p
     unadapted = build_parser().parse_args([*TINY, "--dynamic-lr=1e-12"])
     static = demo.dynamic_evaluation(model, data, unadapted, tmp_path / "train.npy")
     assert result < static  # it adapted to the repeating text
+
+
+def test_random_lengths_end_the_run_at_the_end_of_a_batch_of_drawn_segments(capsys):
+    result = run("--max-steps=10", "--val-every=2", "--random-lengths=awd", "--sample=0", "--dynamic-eval=off")
+    callback = TBPTTCallback(16, random_lengths=RandomLengths("awd", seed=0))
+    per_batch = [callback.training_segments(64, fresh=b == 0, epoch=0, batch=b) for b in range(result["batches"])]
+    assert result["global_step"] == sum(per_batch) >= 10 > sum(per_batch[:-1])
+    assert result["planned_batches"] == result["batches"]
+    assert result["dynamic"] is None and "dynamic evaluation" not in capsys.readouterr().out

@@ -319,14 +319,15 @@ def test_bad_combinations_are_refused(kwargs: dict[str, Any], message: str) -> N
         TBPTTCallback(K, **kwargs)
 
 
-def test_counting_fixed_segments_is_refused_with_random_lengths() -> None:
+def test_counting_a_batchs_segments_takes_its_epoch_and_index() -> None:
     callback = TBPTTCallback(K, random_lengths=RandomLengths(seed=1))
-    with pytest.raises(ConfigurationError, match=r"`random_lengths` draws the lengths of every batch"):
+    with pytest.raises(ConfigurationError, match=r"to get the `epoch` and `batch` whose drawn lengths to count"):
         callback.training_segments(40)
-    expected, drawn = [], awd(1, 0, 0, K, std=5, minimum=5)
+    expected, drawn = [], awd(1, 0, 3, K, std=5, minimum=5)
     while sum(expected) < 40:
         expected.append(min(next(drawn), 40 - sum(expected)))
-    assert callback.random_lengths.lengths(K, 40, epoch=0, batch=0) == expected
+    assert callback.random_lengths.lengths(K, 40, epoch=0, batch=3) == expected
+    assert callback.training_segments(40, epoch=0, batch=3) == len(expected)
 
 
 def test_resuming_with_other_random_lengths_warns(tmp_path: Path) -> None:
