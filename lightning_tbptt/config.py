@@ -592,8 +592,9 @@ REFUSALS: tuple[Refusal, ...] = (
         lambda s, f: s.random_lengths is not None and s.probe is not None,
         lambda s, f: ConfigurationError(
             f"{_probing(s)} cannot be combined with `random_lengths`: the probe measures the bias of one fixed"
-            " segment length, and `'auto'` sets it, while `random_lengths` draws a new length for every segment. Pass"
-            " a fixed `segment_length` with `random_lengths`, or drop `random_lengths`."
+            f" segment length{' (and sets it)' if s.auto else ''}, while `random_lengths` draws a new length for every"
+            f" segment. {'Pass a fixed `segment_length` with' if s.auto else 'Do not probe with'} `random_lengths`, or"
+            " drop `random_lengths`."
         ),
     ),
     Refusal(
@@ -623,6 +624,16 @@ REFUSALS: tuple[Refusal, ...] = (
         lambda s, f: ConfigurationError(
             "`TBPTTCallback(dynamic_eval=...)` adapts the weights between the segments of an evaluation batch, but"
             " `evaluate=False` leaves evaluation to Lightning, uncut. Use `evaluate=True` (the default)."
+        ),
+    ),
+    Refusal(
+        "dynamic_eval rule='rms' with manual optimization",
+        "setup",
+        lambda s, f: s.dynamic_eval is not None and s.dynamic_eval.rule == "rms" and not f.automatic,
+        lambda s, f: ConfigurationError(
+            f"`DynamicEvaluation(rule='rms')` takes the gradients of `{f.module}.training_step`'s loss on training"
+            " batches, but with manual optimization that step makes its own backward and optimizer steps. Use"
+            " `rule='sgd'` (which adapts on the evaluation steps' losses only), or automatic optimization."
         ),
     ),
     Refusal(

@@ -93,6 +93,12 @@ class DynamicEvaluation:
                 f"Expected argument `loss` of `DynamicEvaluation` to be a callable `loss(output, segment_batch)` or"
                 f" None but got {self.loss!r:.80}."
             )
+        statistics = self.statistics
+        if statistics is not None and not (callable(statistics) or isinstance(statistics, Iterable)):
+            raise ConfigurationError(
+                f"Expected argument `statistics` of `DynamicEvaluation` to be an iterable of training batches (e.g. a"
+                f" `DataLoader`), a callable that returns one, or None but got {statistics!r:.80}."
+            )
         if self.rule == "rms" and self.statistics is None:
             raise ConfigurationError(
                 "Expected argument `statistics` of `DynamicEvaluation(rule='rms')` to give training batches for the"
@@ -139,11 +145,21 @@ def adaptation_loss(settings: DynamicEvaluation, output: Any, batch: Any, step: 
         loss = output["loss"] if isinstance(output, dict) and "loss" in output else output
         where = f"`{step}`"
     if not isinstance(loss, Tensor) or loss.numel() != 1:
-        got = type(loss).__name__ if not isinstance(loss, Tensor) else f"a tensor of shape {tuple(loss.shape)}"
+        if isinstance(loss, Tensor):
+            got = f"a tensor of shape {tuple(loss.shape)}"
+        elif isinstance(loss, dict):
+            got = f"a dict without 'loss' (keys {sorted(map(str, loss))})"
+        else:
+            got = type(loss).__name__
+        fix = (
+            "Pass `DynamicEvaluation(loss=lambda output, batch: ...)`, which computes the loss from the predictions"
+            if step == "predict_step" and settings.loss is None
+            else f"Return the segment's loss from `{step}` (a tensor, or a dict with 'loss'), or pass"
+            " `DynamicEvaluation(loss=lambda output, batch: ...)`"
+        )
         raise ModelError(
             f"Dynamic evaluation adapts on the loss of each segment: expected {where} to give a scalar loss tensor but"
-            f" got {got}. Return the segment's loss from `{step}` (a tensor, or a dict with 'loss'), or pass"
-            " `DynamicEvaluation(loss=lambda output, batch: ...)`."
+            f" got {got}. {fix}."
         )
     return loss
 
@@ -159,6 +175,8 @@ class Adapter:
         """With ``"rms"``: ``√MS + eps`` per parameter."""
         self.rates: list[Tensor] | None = None
         """With ``"rms"``: the decay rates ``r`` per parameter, clipped at ``1/decay``."""
+        self.adapted = False
+        """Whether the parameters differ from the trained weights (an update since the last :meth:`restore`)."""
 
     def set_statistics(self, squared_sums: Sequence[Tensor], count: int) -> None:
         """``MS`` from the sums of squared gradients over ``count`` segments."""
@@ -184,6 +202,7 @@ class Adapter:
             )
         grads = torch.autograd.grad(loss, self.parameters, allow_unused=True)
         settings = self.settings
+        self.adapted = True
         with torch.no_grad():
             for index, (parameter, grad, trained) in enumerate(zip(self.parameters, grads, self.trained, strict=True)):
                 pull = None
@@ -197,7 +216,10 @@ class Adapter:
                     parameter.add_(pull)
 
     def restore(self) -> None:
-        """Copy the trained weights back (bitwise)."""
+        """Copy the trained weights back (bitwise), if an update changed them since they were last put back."""
+        if not self.adapted:
+            return
         with torch.no_grad():
             for parameter, trained in zip(self.parameters, self.trained, strict=True):
                 parameter.copy_(trained)
+        self.adapted = False

@@ -102,6 +102,7 @@ def gather_facts(
         segment_length=segment_length or compat.module_segment_length(module),
         module_splits=compat.splits_batches(module),
         callback_splits=callback_splits,
+        automatic=module.automatic_optimization,
     )
     if stage != "fit":
         return facts
@@ -113,7 +114,6 @@ def gather_facts(
         hiddens_position=position,
         expected_hiddens_position=expected,
         step_signature=signature,
-        automatic=module.automatic_optimization,
         strategy=type(trainer.strategy).__name__,
         strategy_accumulates=trainer.strategy.handles_gradient_accumulation,
     )
@@ -178,6 +178,8 @@ class Fit:
             patches.append(GradientsInEvaluation(trainer))
         self.adapter: Adapter | None = None
         """The dynamic evaluation of the running evaluation run, or ``None``."""
+        self._adapting_stage: str | None = None
+        """The evaluation that runs now, when it adapts (``"validate"``, ``"test"``, ``"predict"``), else ``None``."""
         self._adapting_dataloader: int | None = None
         evaluation = self.run_evaluation_batch if self.settings.evaluate else None
         self.strategy_patch = StrategyPatch(trainer, self._keeps_on_host, evaluation)
@@ -561,7 +563,7 @@ class Fit:
         dataloader = rest[1] if len(rest) > 1 else kwargs.get("dataloader_idx", 0)
         if self.settings.streaming:
             stream.enter_dataloader(dataloader)
-        adaptation = self._adaptation(name, dataloader) if self.adapter is not None else None
+        adaptation = self._adaptation(name, rest[0] if rest else 0, dataloader)
         plan = self.plan(batch, EVAL)
         stream.begin_batch(plan, self.settings.streaming)
         self._prepare_transfer(batch)
@@ -577,43 +579,58 @@ class Fit:
     # ----------------------------------------------------------------------------------------------------------------
 
     def start_evaluation(self, stage: str) -> None:
-        """An evaluation run starts: with dynamic evaluation for ``stage``, keep the trained weights (and ``MS``)."""
+        """An evaluation run starts: with dynamic evaluation for ``stage``, it adapts from its first batch on."""
         self.end_evaluation()
         settings = self.settings.dynamic_eval
-        if settings is None or stage not in settings.stages:
-            return
-        module = self.trainer.lightning_module
-        adapter = Adapter(settings, list(module.parameters()))
-        if settings.rule == "rms":
-            self._gradient_statistics(adapter)
-        self.adapter = adapter
-        self._adapting_dataloader = None
+        self._adapting_stage = stage if settings is not None and stage in settings.stages else None
 
     def end_evaluation(self) -> None:
-        """The evaluation run ends (or raised): the trained weights come back."""
+        """The evaluation run ends (or raised): the trained weights come back, unless they are back already."""
         adapter, self.adapter = self.adapter, None
+        self._adapting_stage = None
         if adapter is not None:
             adapter.restore()
 
-    def _adaptation(self, name: str, dataloader: int) -> Adaptation:
+    def _adaptation(self, name: str, batch_idx: int, dataloader: int) -> Adaptation | None:
+        """The adaptation of an evaluation batch, or ``None`` (no dynamic evaluation in this run).
+
+        The trained weights are kept at the run's first batch rather than when its epoch starts, and put back after
+        the last batch of each dataloader (where its length is known) rather than when its epoch ends: other
+        callbacks may swap weights in those epoch hooks (e.g. ``EMAWeightAveraging``), in any order with this one.
+        """
+        settings = self.settings.dynamic_eval
+        if settings is None or self._adapting_stage is None:
+            return None
+        if self.adapter is None:
+            module = self.trainer.lightning_module
+            adapter = Adapter(settings, list(module.parameters()))
+            if settings.rule == "rms":
+                self._gradient_statistics(adapter)
+            writable_metrics(module)
+            self.adapter = adapter
+            self._adapting_dataloader = None
         adapter = self.adapter
-        assert adapter is not None
         if self._adapting_dataloader is not None and dataloader != self._adapting_dataloader:
             adapter.restore()  # each dataloader adapts from the trained weights
         self._adapting_dataloader = dataloader
-        settings = adapter.settings
+        last = batch_idx == last_batch(self.trainer, self._adapting_stage, dataloader)
 
         def update(output: Any, batch: Any) -> None:
             adapter.step(adaptation_loss(settings, output, batch, name))
 
-        return Adaptation(context=lambda: adapting(self.trainer), update=update)
+        return Adaptation(context=lambda: adapting(self.trainer), update=update, then=adapter.restore if last else None)
 
     def _gradient_statistics(self, adapter: Adapter) -> None:
         """``MS`` for the ``"rms"`` rule: squared gradients of ``training_step``'s loss on training batches."""
         settings = adapter.settings
         source = settings.statistics
         assert source is not None  # checked when made
-        batches = source() if callable(source) else source
+        module = self.trainer.lightning_module
+        with torch.random.fork_rng(devices=cuda_devices(module)):  # a DataLoader draws its seed from torch's generator
+            self._accumulate_statistics(adapter, source() if callable(source) else source)
+
+    def _accumulate_statistics(self, adapter: Adapter, batches: Any) -> None:
+        settings = adapter.settings
         module = self.trainer.lightning_module
         squared = [torch.zeros_like(p) for p in adapter.parameters]
         count = 0
@@ -930,3 +947,36 @@ def adapting(trainer: "pl.Trainer") -> Iterator[None]:
     cudnn = torch.backends.cudnn.flags(enabled=False) if cuda else nullcontext()
     with torch.inference_mode(False), torch.enable_grad(), no_sync, cudnn:
         yield
+
+
+def last_batch(trainer: "pl.Trainer", stage: str, dataloader: int) -> int | None:
+    """The index of the last batch the running evaluation takes from ``dataloader``, or ``None`` if not known."""
+    if trainer.sanity_checking:
+        counts: Any = trainer.num_sanity_val_batches
+    else:
+        counts = {"validate": trainer.num_val_batches, "test": trainer.num_test_batches}.get(stage)
+        counts = trainer.num_predict_batches if counts is None else counts
+    try:
+        count = counts[dataloader]
+    except (IndexError, TypeError):
+        return None
+    return int(count) - 1 if isinstance(count, int) or (isinstance(count, float) and count.is_integer()) else None
+
+
+def writable_metrics(module: torch.nn.Module) -> None:
+    """Make the states of ``module``'s ``torchmetrics`` metrics that an inference-mode run left writable outside it.
+
+    A tensor made under ``torch.inference_mode()`` (a metric's state reset by an earlier evaluation run in that mode)
+    cannot be updated in place outside it; dynamic evaluation runs its steps outside it.
+    """
+    from torchmetrics import Metric
+
+    with torch.inference_mode(False):
+        for metric in module.modules():
+            if isinstance(metric, Metric):
+                for name in getattr(metric, "_defaults", {}):
+                    value = getattr(metric, name)
+                    if isinstance(value, Tensor) and value.is_inference():
+                        setattr(metric, name, value.clone())
+                    elif isinstance(value, list) and any(isinstance(v, Tensor) and v.is_inference() for v in value):
+                        setattr(metric, name, [v.clone() if isinstance(v, Tensor) else v for v in value])

@@ -78,6 +78,9 @@ class Adaptation:
     """While active, the step runs with autograd (and without what would refuse its backward)."""
     update: Callable[[Any, Any], None]
     """Adapts the weights on the step's output for a segment, given the segment's batch."""
+    then: Callable[[], None] | None = None
+    """Called once the batch's last segment has been scored (the trained weights come back after a dataloader's last
+    batch)."""
 
 
 @dataclass
@@ -374,6 +377,8 @@ class SegmentRunner:
                     output = detached(output)
             outputs.append(output)
             segments.append(info)
+        if adaptation is not None and adaptation.then is not None:
+            adaptation.then()
         return join_outputs(outputs, segments, batch_size=plan.batch_size, time_length=plan.time_length)
 
     def take_nonfinite(self) -> list[tuple[Tensor, Tensor | None, Segment]]:

@@ -157,6 +157,12 @@ CASES: dict[str, tuple[dict[str, Any], dict[str, Any], type[Exception], str]] = 
         ConfigurationError,
         r"but `evaluate=False` leaves evaluation to Lightning",
     ),
+    "dynamic_eval rule='rms' with manual optimization": (
+        {"dynamic_eval": {"lr": 0.1, "rule": "rms", "statistics": []}},
+        {"automatic": False, "module": "Net"},
+        ConfigurationError,
+        r"`DynamicEvaluation\(rule='rms'\)` takes the gradients of `Net.training_step`'s loss",
+    ),
     "random_lengths with a custom split": (
         {"random_lengths": {}},
         {"callback_splits": True},

@@ -70,12 +70,16 @@ def reference(
     scales: list[torch.Tensor] | None = None,
     rates: list[torch.Tensor] | None = None,
     streaming: bool = False,
-) -> tuple[list[tuple[float, int]], list[torch.Tensor]]:
-    """The oracle: score each segment, then one gradient step on its loss, by hand. Returns the scores and weights."""
+) -> tuple[list[tuple[float, int]], list[list[torch.Tensor]]]:
+    """The oracle: score each segment, then one gradient step on its loss, by hand.
+
+    Returns the scores and the weights after each batch.
+    """
     model = copy.deepcopy(model)
     params = list(model.parameters())
     trained = [p.detach().clone() for p in params]
     scored: list[tuple[float, int]] = []
+    after: list[list[torch.Tensor]] = []
     state = None
     for x, y in batches:
         if not streaming:
@@ -92,19 +96,21 @@ def reference(
                     pull = decay * (p0 - p) if rates is None else decay * rates[i] * (p0 - p)
                     p.copy_(p - lr * step + pull)
             state = detach_state(new_state)
-    return scored, [p.detach().clone() for p in params]
+        after.append([p.detach().clone() for p in params])
+    return scored, after
 
 
 class AdaptedWeights(pl.Callback):
-    """Keeps the weights as they are after the last evaluation batch (adapted, before they are put back)."""
+    """Keeps the weights as each evaluation batch starts (adapted on the batches before it) and as the run ends."""
 
     def __init__(self) -> None:
-        self.weights: list[torch.Tensor] = []
+        self.weights: list[list[torch.Tensor]] = []
 
-    def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.weights = parameters(pl_module)
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.weights.append(parameters(pl_module))
 
-    on_test_batch_end = on_validation_batch_end
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self.weights.append(parameters(pl_module))
 
 
 def close(a: list[tuple[float, int]], b: list[tuple[float, int]]) -> bool:
@@ -127,7 +133,11 @@ def test_sgd_equals_score_then_update_loop_and_weights_come_back(tmp_path: Any, 
     assert not close(model.scored, static)  # later segments are scored by adapted weights
     weighted = sum(loss * n for loss, n in expected) / sum(n for _, n in expected)
     assert logged["val_loss"] == pytest.approx(weighted, rel=1e-6)
-    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(kept.weights, adapted, strict=True))
+    first, second, end = kept.weights  # as the two batches start, and as the run ends
+    assert all(torch.equal(p, q) for p, q in zip(first, trained, strict=True))
+    assert all(torch.allclose(p, q, atol=1e-10) for p, q in zip(second, adapted[0], strict=True))
+    assert not all(torch.equal(p, q) for p, q in zip(second, trained, strict=True))
+    assert all(torch.equal(p, q) for p, q in zip(end, trained, strict=True))  # back after the last batch
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained, strict=True))  # bitwise back
     assert trainer.validate_loop.inference_mode is True  # the loop's own setting is back
 
@@ -256,7 +266,7 @@ def test_a_step_that_returns_no_loss_is_refused(tmp_path: Any) -> None:
     model = trained_model(tmp_path)
     trained = parameters(model)
     callback = TBPTTCallback(K, dynamic_eval=DynamicEvaluation(lr=0.5))
-    with pytest.raises(ModelError, match=r"expected `predict_step` to give a scalar loss tensor but got a tensor"):
+    with pytest.raises(ModelError, match=r"`predict_step` to give a scalar loss tensor but got a tensor .* Pass `Dyn"):
         make_trainer(tmp_path, [callback]).predict(model, val_loader())
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), trained, strict=True))
 
@@ -301,3 +311,92 @@ def test_a_model_without_trainable_inputs_to_its_loss(tmp_path: Any) -> None:
     callback = TBPTTCallback(K, dynamic_eval=DynamicEvaluation(lr=0.5))
     with pytest.raises(ModelError, match=r"the loss has no gradient"):
         make_trainer(tmp_path, [callback]).validate(model, loader, verbose=False)
+
+
+def _ema_fit(tmp_path: Any, dynamic: DynamicEvaluation | None, tbptt_first: bool, ema_class: Any) -> Any:
+    torch.manual_seed(0)
+    model = Scored().double()
+    tbptt, ema = TBPTTCallback(K, dynamic_eval=dynamic), ema_class(decay=0.9)
+    trainer = make_trainer(tmp_path, [tbptt, ema] if tbptt_first else [ema, tbptt], max_epochs=3)
+    trainer.fit(model, make_loader(), val_loader())
+    average = ema._average_model.module.state_dict()
+    return parameters(model), [v.detach().clone() for v in average.values()], model.scored
+
+
+@pytest.mark.parametrize("tbptt_first", [True, False], ids=["tbptt-first", "ema-first"])
+def test_weight_averaging_callbacks_see_the_trained_weights_in_either_order(tmp_path: Any, tbptt_first: bool) -> None:
+    # EMAWeightAveraging swaps its average in at `on_validation_epoch_start` and out at `on_validation_epoch_end`
+    callbacks = pytest.importorskip("pytorch_lightning.callbacks")
+    ema_class = getattr(callbacks, "EMAWeightAveraging", None)
+    if ema_class is None:
+        pytest.skip("EMAWeightAveraging is new in this Lightning release")
+    weights, average, static = _ema_fit(tmp_path / "static", None, tbptt_first, ema_class)
+    adapted_weights, adapted_average, scored = _ema_fit(
+        tmp_path / "dynamic", DynamicEvaluation(0.5), tbptt_first, ema_class
+    )
+    assert all(torch.equal(a, b) for a, b in zip(weights, adapted_weights, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(average, adapted_average, strict=True))
+    assert len(scored) == len(static) == 4 * 10  # the sanity check and 3 validations, 2 batches of 5 segments each
+    assert scored[::10] == static[::10]  # each run's first segment is scored by the average, before any adaptation
+    assert scored != static
+
+
+def test_the_rms_statistics_draw_nothing_from_the_global_generators(tmp_path: Any) -> None:
+    model = trained_model(tmp_path)
+    train = make_loader(batch_size=4, num_sequences=8, seed=3)
+    drawn = []
+    for dynamic in (None, DynamicEvaluation(lr=0.01, rule="rms", statistics=train, statistics_batches=2)):
+        torch.manual_seed(5)
+        make_trainer(tmp_path, [TBPTTCallback(K, dynamic_eval=dynamic)]).validate(model, val_loader(), verbose=False)
+        drawn.append(torch.rand(3))
+    assert torch.equal(*drawn)
+
+
+class Metered(Scored):
+    def __init__(self) -> None:
+        super().__init__()
+        from torchmetrics import MeanSquaredError
+
+        self.metric = MeanSquaredError()
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        x, y = batch
+        self.metric.update(self(x).flatten(), y.flatten())
+        self.log("val_mse", self.metric)
+        return super().validation_step(batch, batch_idx)
+
+
+def test_metrics_reset_by_an_earlier_inference_mode_run_can_be_updated(tmp_path: Any) -> None:
+    torch.manual_seed(0)
+    model = Metered().double()
+    make_trainer(tmp_path, [TBPTTCallback(K)]).validate(model, val_loader(), verbose=False)  # inference mode
+    callback = TBPTTCallback(K, dynamic_eval=DynamicEvaluation(lr=0.5))
+    (logged,) = make_trainer(tmp_path, [callback]).validate(model, val_loader(), verbose=False)
+    scored = model.scored[10:]
+    assert logged["val_mse"] == pytest.approx(sum(v * n for v, n in scored) / sum(n for _, n in scored), rel=1e-6)
+
+
+class ManualScored(Scored):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+
+def test_the_rms_rule_is_refused_with_manual_optimization(tmp_path: Any) -> None:
+    settings = DynamicEvaluation(lr=0.01, rule="rms", statistics=make_loader())
+    with pytest.raises(ConfigurationError, match=r"`DynamicEvaluation\(rule='rms'\)` takes the gradients of"):
+        make_trainer(tmp_path, [TBPTTCallback(K, dynamic_eval=settings)]).validate(
+            ManualScored().double(), val_loader()
+        )
+
+
+def test_error_messages_name_what_the_step_returned(tmp_path: Any) -> None:
+    class Keyed(Scored):
+        def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Any:
+            return {"bpc": super().validation_step(batch, batch_idx)}
+
+    callback = TBPTTCallback(K, dynamic_eval=DynamicEvaluation(lr=0.5))
+    with pytest.raises(ModelError, match=r"got a dict without 'loss' \(keys \['bpc'\]\)"):
+        make_trainer(tmp_path, [callback]).validate(Keyed().double(), val_loader(), verbose=False)
+    with pytest.raises(ConfigurationError, match=r"`statistics` of `DynamicEvaluation` to be an iterable .* but got 5"):
+        DynamicEvaluation(lr=1, rule="rms", statistics=5)  # type: ignore[arg-type]
