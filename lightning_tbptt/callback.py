@@ -140,8 +140,8 @@ class TBPTTCallback(CallbackBase):
         dynamic_eval: Dynamic evaluation: a :class:`~lightning_tbptt.dynamic.DynamicEvaluation`. After each
             evaluation segment is scored (its ``validation_step``/``test_step``/``predict_step`` run and logged), a
             gradient step on that segment's loss adapts the weights for the next one; the trained weights come back,
-            bitwise, when the evaluation run ends or raises (see :mod:`lightning_tbptt.dynamic`). ``None``
-            (default): the weights are fixed during evaluation.
+            bitwise, after each dataloader's last batch (or when the run ends, or raises; see
+            :mod:`lightning_tbptt.dynamic`). ``None`` (default): the weights are fixed during evaluation.
 
     Raises:
         ConfigurationError: If an argument is invalid.
@@ -512,9 +512,7 @@ class TBPTTCallback(CallbackBase):
 
     @override
     def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # before `on_validation_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
-        if (fit := self._active()) is not None:
-            fit.end_evaluation()
+        self._end_evaluation()
 
     @override
     def on_test_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -522,9 +520,7 @@ class TBPTTCallback(CallbackBase):
 
     @override
     def on_test_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # before `on_test_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
-        if (fit := self._active()) is not None:
-            fit.end_evaluation()
+        self._end_evaluation()
 
     @override
     def on_predict_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -532,7 +528,10 @@ class TBPTTCallback(CallbackBase):
 
     @override
     def on_predict_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # before `on_predict_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
+        self._end_evaluation()
+
+    def _end_evaluation(self) -> None:
+        # before `on_validation_end`, where e.g. `ModelCheckpoint` saves: it must save the trained weights
         if (fit := self._active()) is not None:
             fit.end_evaluation()
 

@@ -16,8 +16,9 @@ parameter ``θ`` is updated after the segment, in place:
   entry of every parameter), clipped at ``1/decay``, so that parameters whose gradients are large on training data
   decay faster.
 
-The trained weights are kept at the start of each evaluation run (each dataloader of a run starts from them again)
-and copied back, bitwise, when it ends or raises; the gradients are taken with :func:`torch.autograd.grad`, so the
+The trained weights are kept at the first batch of each evaluation run (each dataloader of a run starts from them
+again) and copied back, bitwise, after each dataloader's last batch (when its length is unknown, when the run ends)
+and when the run raises; the gradients are taken with :func:`torch.autograd.grad`, so the
 parameters' ``.grad`` and the training optimizer (its state, its learning rates) are never touched.
 
 Example:
