@@ -742,17 +742,17 @@ def check_dynamic_eval(report: Report, ctx: Context, name: str) -> None:
     torch.manual_seed(0)
     model = Scored("lstm", s.eq_input, s.eq_hidden)
     trained = [p.detach().clone() for p in model.parameters()]
-    scores = {}
+    scores = []
     for accelerator in ("gpu" if ctx.cuda else "cpu", "cpu"):
         callback = TBPTTCallback(s.eq_segment, dynamic_eval=DynamicEvaluation(lr=0.5))
         trainer = pl.Trainer(
             accelerator=accelerator, devices=1, callbacks=[callback], logger=False, enable_progress_bar=False
         )
-        scores[accelerator] = trainer.validate(model, loader, verbose=False)[0]["val_loss"]
+        scores.append(trainer.validate(model, loader, verbose=False)[0]["val_loss"])
         model.cpu()
     static = pl.Trainer(accelerator="cpu", devices=1, callbacks=[TBPTTCallback(s.eq_segment)], logger=False)
     unadapted = static.validate(model, loader, verbose=False)[0]["val_loss"]
-    device, cpu = scores.values()
+    device, cpu = scores
     back = all(torch.equal(p, q) for p, q in zip(model.parameters(), trained, strict=True))
     ok = abs(device - cpu) <= 1e-4 * abs(cpu) and back and cpu < unadapted
     report.result(

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from lightning_tbptt import RandomLengths, TBPTTCallback
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,10 +123,20 @@ def test_lag_benchmark_runs_every_configuration():
         if match:
             steps[match[1]] = int(match[2])
             assert 0 <= float(match[4]) <= 1
-    # one step per segment (16 / k per batch), per window ((16 - 8) / 2 + 1), per batch (exact and full BPTT)
+
+    # one step per segment (16 / k per batch, or the lengths drawn for each of the 2 batches), per window
+    # ((16 - 8) / 2 + 1), per batch (exact and full BPTT)
+    def drawn(k: int, rule: str) -> int:
+        callback = TBPTTCallback(k, random_lengths=RandomLengths(rule))  # type: ignore[arg-type]
+        return sum(callback.training_segments(16, epoch=0, batch=b) for b in range(2))
+
     assert steps == {
         "TBPTT k=1 (L/4)": 32,
         "TBPTT k=2 (L/2)": 16,
+        "TBPTT k=4 (L)": 8,
+        "random k~4 (L, AWD)": drawn(4, "awd"),
+        "random k~2 (L/2, AWD)": drawn(2, "awd"),
+        "random first cut k=4 (L)": drawn(4, "offset"),
         "TBPTT k=8 (2L)": 4,
         "windows 8/2 (2L/L/2)": 10,
         "exact k=1 (L/4)": 2,
@@ -153,3 +165,11 @@ def test_probe_benchmark_runs_every_part():
     assert all(length in {"2", "4", "8", "16"} for length in chosen)
     assert any(line.startswith("probe 4k against direct: largest |probe - direct|") for line in lines)
     assert any(line.startswith("a probe took") for line in lines)
+
+
+@pytest.mark.slow  # a benchmark script run in a subprocess
+def test_gpu_check_runs_on_the_cpu_with_its_gpu_parts_skipped():
+    lines = run_script("gpu_check.py", "--device", "cpu", "--quick")  # exits 1 if a check fails
+    summary = [line.split(None, 1) for line in lines[lines.index("summary:") + 1 : -1]]
+    assert {status for status, _ in summary} <= {"PASS", "SKIP"}
+    assert ["PASS", "6 dynamic evaluation, cuDNN LSTM in eval mode"] in summary
