@@ -1,5 +1,6 @@
 """Randomised segment lengths: equal to a hand-written loop with the same draws, in every mode that cuts training."""
 
+import copy
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -177,11 +178,14 @@ def test_buckets_round_every_drawn_length(tmp_path: Path) -> None:
 
 def test_streaming_carries_the_state_across_moving_cuts(tmp_path: Path) -> None:
     callback = TBPTTCallback(K, streaming=True, random_lengths=OPTIONS)
-    model, (reference_model, batches), _ = fit(tmp_path, callback, batch_size=4, num_sequences=4)
-    # one lane layout: the same 4 rows in every batch, so the "batches" of a lane are its consecutive epochs' data here
+    model, (reference_model, batches), _ = fit(tmp_path, callback, batch_size=4, num_sequences=12)
+    # 3 batches of 4 rows: row j of each batch continues lane j, its state carried from the batch before
+    control = copy.deepcopy(reference_model)
     expected = reference(reference_model, batches, lambda e, b: awd(7, e, b, K), streaming=True)
-    assert cuts(model) == expected["lengths"]
+    assert len(batches) == 3 and cuts(model) == expected["lengths"]
     assert equal(model, reference_model)
+    reference(control, batches, lambda e, b: awd(7, e, b, K), streaming=False)
+    assert not equal(model, control)  # the carry across batches matters here
 
 
 def test_exact_gradients_over_drawn_segments_equal_backpropagating_their_summed_losses(tmp_path: Path) -> None:
