@@ -48,7 +48,7 @@ Example (a two-segment LSTM batch, checked against one backward through the whol
 
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,6 +243,39 @@ def replayed(devices: list[int]) -> Iterator[None]:
     """While active, generators may be set to earlier states; afterwards they are as before (``fork_rng``)."""
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+def draws_from_cudnn(module: nn.Module) -> bool:
+    """Whether ``module`` has a ``torch.nn`` RNN on CUDA that cuDNN would run with dropout between its layers.
+
+    cuDNN draws those masks from a dropout state of its own, which no generator sets back: a recomputed segment would
+    draw other masks than its first run (seen on an H200 by ``benchmarks/gpu_check.py``, check 5c).
+    """
+    return torch.backends.cudnn.enabled and any(
+        isinstance(each, nn.RNNBase)
+        and each.training
+        and each.dropout > 0
+        and each.num_layers > 1
+        and any(parameter.is_cuda for parameter in each.parameters())
+        for each in module.modules()
+    )
+
+
+def replayable(module: nn.Module) -> AbstractContextManager[None]:
+    """Turns cuDNN off while ``module`` :func:`draws_from_cudnn` (PyTorch's own RNN kernels draw from the generator)."""
+    return cudnn_off() if draws_from_cudnn(module) else nullcontext()
+
+
+def cudnn_off() -> AbstractContextManager[None]:
+    """Turns cuDNN off, its other settings as they are (``cudnn.flags`` resets those it is not given to defaults)."""
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(
+        enabled=False,
+        benchmark=cudnn.benchmark,
+        benchmark_limit=cudnn.benchmark_limit,
+        deterministic=cudnn.deterministic,
+        allow_tf32=cudnn.allow_tf32,
+    )
 
 
 _METRIC_EXTRAS = ("_update_count", "_computed", "_forward_cache")

@@ -49,7 +49,7 @@ from lightning_tbptt.config import FitFacts, Settings, Transfer, refuse
 from lightning_tbptt.distributed import agree_on_probe, agree_on_segment_count, idle_training_step
 from lightning_tbptt.dynamic import Adapter, adaptation_loss
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
-from lightning_tbptt.exact import Boundary, cuda_devices, frozen_metrics, replayed
+from lightning_tbptt.exact import Boundary, cuda_devices, cudnn_off, frozen_metrics, replayable, replayed
 from lightning_tbptt.namespaces import is_overridden
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.probe import (
@@ -234,6 +234,7 @@ class Fit:
                     step_logged=lambda kwargs: call_training_step(self.trainer, kwargs, logged=True),
                     recomputed=self._recomputed,
                     random_devices=lambda: cuda_devices(self.trainer.lightning_module),
+                    replayable=lambda: replayable(self.trainer.lightning_module),
                 ),
                 time_dim=self.settings.layout.time_dim,
                 takes_hiddens=self.takes_hiddens,
@@ -944,7 +945,7 @@ def adapting(trainer: "pl.Trainer") -> Iterator[None]:
     model = trainer.strategy.model
     no_sync = model.no_sync() if isinstance(model, torch.nn.parallel.DistributedDataParallel) else nullcontext()
     cuda = trainer.strategy.root_device.type == "cuda"
-    cudnn = torch.backends.cudnn.flags(enabled=False) if cuda else nullcontext()
+    cudnn = cudnn_off() if cuda else nullcontext()
     with torch.inference_mode(False), torch.enable_grad(), no_sync, cudnn:
         yield
 

@@ -68,6 +68,8 @@ class Operations:
     before it once it returns, and what it returns passes through the given function before Lightning sees it."""
     random_devices: Callable[[], list[int]] = lambda: []
     """The CUDA devices whose random number generators the model draws from (besides the CPU's)."""
+    replayable: Callable[[], AbstractContextManager[None]] = nullcontext
+    """While active, every random number the model draws comes from a generator that can be set back (``exact``)."""
 
 
 @dataclass(frozen=True)
@@ -225,13 +227,14 @@ class SegmentRunner:
         plan.agree(total)
         devices = operations.random_devices()
         planned = list(plan)
-        boundaries = self._first_pass(planned, kwargs, stream, total, devices)
+        with operations.replayable():
+            boundaries = self._first_pass(planned, kwargs, stream, total, devices)
         after = Boundary(stream.state.carried, stream.state.rows)
         output: dict[str, Any] = {}
         decision = None
         link = Link()
         try:
-            with replayed(devices):
+            with replayed(devices), operations.replayable():
                 for index, position in enumerate(reversed(range(len(planned)))):
                     decision = decide(index)
                     segment_output, link = self._recompute(
