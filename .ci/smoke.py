@@ -1,11 +1,16 @@
-"""Smoke test of an installed distribution (wheel or sdist), run from outside the source tree: ``smoke.py VERSION``."""
+"""Smoke test of an installed distribution (wheel or sdist), outside the source tree: ``smoke.py VERSION NAMESPACE``.
 
+NAMESPACE is the one whose ``Trainer`` runs the fit: ``pytorch_lightning`` (then the ``lightning`` package must be
+absent: nothing but the extra installs it) or ``lightning.pytorch`` (the ``lightning`` extra).
+"""
+
+import importlib
+import importlib.util
 import subprocess
 import sys
 from importlib.metadata import files, version
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -13,7 +18,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_tbptt
 from lightning_tbptt import TBPTTCallback
 
-expected = sys.argv[1]
+expected, namespace = sys.argv[1:3]
+if namespace == "pytorch_lightning":
+    assert importlib.util.find_spec("lightning") is None, "the `lightning` package was installed without its extra"
+pl = importlib.import_module(namespace)
 assert lightning_tbptt.__version__ == version("lightning-tbptt") == expected, (lightning_tbptt.__version__, expected)
 package = Path(lightning_tbptt.__file__).parent
 assert "site-packages" in package.parts, f"imported from {package}, not from the installed distribution"
@@ -69,4 +77,4 @@ for runner in [command, [sys.executable, "-m", "lightning_tbptt"]]:
     out = subprocess.run([*runner, *demo], capture_output=True, text=True, check=True).stdout
     for expected_line in ["held-out bits per character before training", "after 8 steps", "peak memory"]:
         assert expected_line in out, out
-print(f"smoke test of lightning-tbptt {expected} from {package}: passed")
+print(f"smoke test of lightning-tbptt {expected} from {package} with a {namespace} Trainer: passed")

@@ -119,10 +119,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning_utilities.core.rank_zero as rank_zero
-import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from packaging.version import Version
@@ -131,6 +130,9 @@ from torch.optim import Optimizer
 from lightning_tbptt.errors import ConfigurationError
 from lightning_tbptt.namespaces import NAMESPACES, lightning_version, namespace_of
 from lightning_tbptt.schedule import Decision
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 def resume_reruns_last_batch(trainer: "pl.Trainer") -> bool:

@@ -6,9 +6,8 @@ record of where training stands stays, for a checkpoint saved after the fit).
 """
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from typing_extensions import override
@@ -28,6 +27,9 @@ from lightning_tbptt.split import split_batch
 from lightning_tbptt.state import detach_state
 from lightning_tbptt.streams import EVAL, TRAIN
 from lightning_tbptt.windows import LossOn, training_windows
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 class TBPTTCallback(CallbackBase):

@@ -8,10 +8,9 @@ A module written for Lightning 1.x's built-in TBPTT sets ``self.truncated_bptt_s
 import inspect
 from typing import Any
 
-from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
-
 from lightning_tbptt.config import check_positive_int
 from lightning_tbptt.errors import ConfigurationError, ModelError
+from lightning_tbptt.namespaces import is_param_in_hook_signature
 from lightning_tbptt.state import detach_state
 
 

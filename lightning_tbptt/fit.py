@@ -14,13 +14,11 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from lightning_utilities.core.rank_zero import rank_zero_warn
-from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor
 
 from lightning_tbptt import compat
@@ -50,7 +48,7 @@ from lightning_tbptt.distributed import agree_on_probe, agree_on_segment_count, 
 from lightning_tbptt.dynamic import Adapter, adaptation_loss
 from lightning_tbptt.errors import BatchError, ConfigurationError, ModelError
 from lightning_tbptt.exact import Boundary, cuda_devices, cudnn_off, frozen_metrics, replayable, replayed
-from lightning_tbptt.namespaces import is_overridden
+from lightning_tbptt.namespaces import is_overridden, is_param_in_hook_signature
 from lightning_tbptt.plan import PlannedSegment, SegmentPlan, plan_custom_segments, plan_segments
 from lightning_tbptt.probe import (
     ProbeResult,
@@ -70,6 +68,9 @@ from lightning_tbptt.schedule import Decision, OptimizationSchedule, StepPer
 from lightning_tbptt.segment import Segment, current_segment
 from lightning_tbptt.state import StateCarrier, find_recurrent_modules, recurrent_candidates
 from lightning_tbptt.streams import EVAL, TRAIN, Stream
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 def gather_facts(

@@ -53,6 +53,12 @@ _RANK_ZERO_ATTRIBUTES = ("log", "rank_zero_deprecation_category")
 _before = {attribute: getattr(rank_zero, attribute, None) for attribute in _RANK_ZERO_ATTRIBUTES}
 NAMESPACES: tuple[ModuleType, ...] = _import_namespaces()
 """The importable namespaces, ``pytorch_lightning`` first."""
+if not NAMESPACES:
+    raise ImportError(
+        "lightning-tbptt needs PyTorch Lightning 2.1 or newer, as the package `lightning` (`import lightning.pytorch`)"
+        " or `pytorch-lightning` (`import pytorch_lightning`), and found neither (a requirement skipped or removed)."
+        " Install it again: `pip install 'pytorch-lightning>=2.1,!=2.6.2,!=2.6.3'`, or `'lightning-tbptt[lightning]'`."
+    )
 
 
 def _combined(name: str, bases: tuple[type, ...]) -> type:
@@ -65,6 +71,12 @@ if TYPE_CHECKING:
 else:
     CallbackBase = _combined("CallbackBase", tuple(namespace.Callback for namespace in NAMESPACES))
     DataModuleBase = _combined("DataModuleBase", tuple(namespace.LightningDataModule for namespace in NAMESPACES))
+
+
+def is_param_in_hook_signature(hook: Any, param: str, explicit: bool = False, min_args: int | None = None) -> bool:
+    """Lightning's own test of whether ``hook`` takes ``param`` (from the first namespace; both have the same code)."""
+    module = importlib.import_module(f"{NAMESPACES[0].__name__}.utilities.signature_utils")
+    return bool(module.is_param_in_hook_signature(hook, param, explicit=explicit, min_args=min_args))
 
 
 def namespace_of(obj: Any) -> ModuleType:

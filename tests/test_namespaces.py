@@ -219,3 +219,69 @@ def test_release_dependent_behaviour_follows_the_trainers_namespace(tmp_path, na
     monkeypatch.setattr(namespace, "__version__", version)
     monkeypatch.setattr(other, "__version__", "2.4.0" if version == "2.5.0" else "2.5.0")
     assert resume_reruns_last_batch(make_trainer(tmp_path, namespace=namespace)) is reruns
+
+
+# Each namespace alone: the other package made unimportable in a fresh interpreter (as if it were not installed).
+BLOCK = """
+import importlib.abc, sys
+BLOCKED = {blocked!r}
+class Blocker(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, Blocker())
+"""
+
+ONE_NAMESPACE_FIT = """
+import importlib, torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import lightning_tbptt
+from lightning_tbptt import TBPTTCallback
+from lightning_tbptt import demo
+pl = importlib.import_module({namespace!r})
+assert demo.pl is pl, demo.pl
+
+class Model(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(2, 4, batch_first=True)
+    def training_step(self, batch, batch_idx):
+        out, _ = self.rnn(batch[0])
+        return out.pow(2).mean()
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+trainer = pl.Trainer(max_epochs=1, callbacks=[TBPTTCallback(segment_length=5)], logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(Model(), DataLoader(TensorDataset(torch.randn(2, 20, 2)), batch_size=2))
+assert trainer.global_step == 4, trainer.global_step
+leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+assert not leaked, leaked
+print("fit with", pl.__name__, "alone: ok")
+"""
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    ("namespace", "blocked"),
+    [("lightning.pytorch", {"pytorch_lightning", "lightning_fabric"}), ("pytorch_lightning", {"lightning"})],
+    ids=["lightning only", "pytorch_lightning only"],
+)
+def test_the_library_and_the_demo_work_with_either_package_alone(namespace, blocked):
+    result = run_python(BLOCK.format(blocked=blocked) + ONE_NAMESPACE_FIT.format(namespace=namespace))
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"fit with {namespace} alone: ok" in result.stdout
+
+
+def test_without_lightning_the_import_says_what_to_install():
+    result = run_python(
+        BLOCK.format(blocked={"pytorch_lightning", "lightning", "lightning_fabric"}) + "import lightning_tbptt"
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: lightning-tbptt needs PyTorch Lightning 2.1 or newer"), last
+    assert "pip install 'pytorch-lightning>=2.1,!=2.6.2,!=2.6.3'" in last and "'lightning-tbptt[lightning]'" in last

@@ -29,6 +29,16 @@ def test_distribution_metadata():
     assert all("==" not in r for r in requirements if "extra ==" not in r)
 
 
+def test_pytorch_lightning_is_required_and_lightning_is_the_extra():
+    # every `lightning` release requires `pytorch-lightning` itself, so requiring it costs a `lightning.pytorch` user
+    # nothing; the library imports neither package by name (tests/test_namespaces.py runs it with each alone)
+    requirements = metadata("lightning-tbptt").get_all("Requires-Dist")
+    names = re.compile(r"(pytorch-lightning|lightning)\b(?!-)")
+    required = [r for r in requirements if names.match(r) and "extra ==" not in r]
+    assert len(required) == 1 and required[0].startswith("pytorch-lightning"), required
+    assert any(re.match(r"lightning[!<>=]", r) and 'extra == "lightning"' in r for r in requirements)
+
+
 def test_the_malicious_lightning_releases_are_excluded_and_the_classifiers_are_true():
     installed = metadata("lightning-tbptt")
     names = re.compile(r"(pytorch-lightning|lightning)\b(?!-)")
