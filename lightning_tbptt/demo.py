@@ -4,8 +4,8 @@
 standard library (no download), concatenates them into one sequence of about 10^7 characters, writes it to a ``.npy``
 file and streams it as lanes with :class:`~lightning_tbptt.LaneDataModule`; :class:`~lightning_tbptt.TBPTTCallback`
 (``streaming=True``) cuts every batch into segments, steps the optimizer after each one and carries every lane's LSTM
-state from segment to segment and from batch to batch. The model below is written as if its sequences were short
-(``out, _ = self.lstm(x)``). The end of the corpus is held out: validation streams it the same way, segmented.
+state from segment to segment and from batch to batch. Its model (``CharLM``) is written as if its sequences were
+short (``out, _ = self.lstm(x)``). The end of the corpus is held out: validation streams it the same way, segmented.
 
 The default run (1,024 optimizer steps on 32 lanes of 128 characters: 4.2 million characters) takes about two and a
 half minutes on 2 CPU cores and prints the held-out bits per character before training, at every validation and at the
@@ -36,15 +36,22 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lightning_tbptt import DynamicEvaluation, LaneDataModule, RandomLengths, Stepper, TBPTTCallback
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+else:
+    try:
+        import pytorch_lightning as pl
+    except ImportError:  # only the `lightning` package is installed
+        import lightning.pytorch as pl
 
 VOCAB = 256  # the corpus is read as bytes
 
@@ -355,7 +362,7 @@ class CtrlC(pl.Callback):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The demo's command-line flags."""
+    """The demo's command-line flags: every help string is plain text and ends with the flag's default."""
     run = parser.add_argument_group("length of the run")
     run.add_argument(
         "--max-steps",
@@ -366,20 +373,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--val-every", type=int, default=32, help="validate every this many batches; default: 32")
     data = parser.add_argument_group("data")
     data.add_argument("--chars", type=int, default=10_000_000, help="characters of the corpus; default: 10,000,000")
-    data.add_argument("--held-out", type=int, default=100_000, help="characters held out for validation (the end)")
+    data.add_argument(
+        "--held-out",
+        type=int,
+        default=100_000,
+        help="characters at the end of the corpus held out for validation (at most a tenth of --chars);"
+        " default: 100,000",
+    )
     data.add_argument("--lanes", type=int, default=32, help="training lanes (rows per batch); default: 32")
     data.add_argument("--eval-lanes", type=int, default=16, help="validation lanes; default: 16")
     data.add_argument("--batch-steps", type=int, default=1024, help="characters per lane per batch; default: 1024")
     tbptt = parser.add_argument_group("truncated backpropagation through time")
     tbptt.add_argument("--segment-length", type=int, default=128, help="TBPTT segment length k2; default: 128")
-    tbptt.add_argument("--stride", type=int, default=None, help="overlapping windows: a window every k1 steps")
-    tbptt.add_argument("--burn-in", type=int, default=0, help="steps run without gradient where a stream starts")
+    tbptt.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="overlapping windows: a window of --segment-length steps every STRIDE steps (k1, 1 to"
+        " --segment-length); default: none (plain segments)",
+    )
+    tbptt.add_argument(
+        "--burn-in",
+        type=int,
+        default=0,
+        help="steps run without gradient where a stream starts from zeros (less than --batch-steps); default: 0",
+    )
     tbptt.add_argument(
         "--random-lengths",
         choices=["off", "awd", "offset"],
         default="off",
         help="draw every training segment's length: awd (AWD-LSTM's rule around --segment-length) or offset (a random"
-        " first cut in each batch); default: off (fixed cuts)",
+        " first cut in each batch), seeded by --seed; default: off (fixed cuts)",
     )
     tbptt.add_argument(
         "--probe",
@@ -389,19 +413,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="EVERY",
         help="run the truncation probe on the first batch and every EVERY-th (32 when no value is given), and report"
-        " the gradient's bias at --segment-length and the shortest length below a bias of 0.1; default: off",
+        " the gradient's bias at --segment-length and the shortest length below a bias of 0.1; not with --stride,"
+        " --burn-in or --random-lengths; default: off",
     )
     model = parser.add_argument_group("model and hardware")
-    model.add_argument("--hidden-size", type=int, default=256)
-    model.add_argument("--embedding-size", type=int, default=64)
+    model.add_argument("--hidden-size", type=int, default=256, help="units of the LSTM; default: 256")
+    model.add_argument("--embedding-size", type=int, default=64, help="size of the character embedding; default: 64")
     model.add_argument("--lr", type=float, default=3e-3, help="Adam learning rate; default: 0.003")
-    model.add_argument("--accelerator", default="auto", help="cpu, gpu, mps or auto (Lightning's); default: auto")
-    model.add_argument("--devices", default="1", help="Lightning's `devices`; default: 1")
     model.add_argument(
-        "--precision", default="32-true", help="Lightning's `precision`; 16-mixed or bf16-mixed on a GPU"
+        "--accelerator", default="auto", help="Lightning's Trainer accelerator: cpu, gpu, mps or auto; default: auto"
+    )
+    model.add_argument(
+        "--devices",
+        default="1",
+        help="Lightning's Trainer devices: how many (dividing --lanes and --eval-lanes), a list such as 0,1, or auto;"
+        " default: 1",
+    )
+    model.add_argument(
+        "--precision",
+        default="32-true",
+        help="Lightning's Trainer precision (16-mixed or bf16-mixed on a GPU); default: 32-true",
     )
     model.add_argument("--threads", type=int, default=None, help="torch CPU threads; default: torch's choice")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the initial parameters, of --random-lengths and of the sample; default: 0",
+    )
     dynamic = parser.add_argument_group("dynamic evaluation (of the final model)")
     dynamic.add_argument(
         "--dynamic-eval",
@@ -414,7 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dynamic-lr", type=float, default=None, help="its step size; default: 0.001 with rms, 0.3 with sgd"
     )
     dynamic.add_argument(
-        "--dynamic-decay", type=float, default=0.0, help="its pull back towards the trained weights; default: 0"
+        "--dynamic-decay", type=float, default=0.0, help="its pull back towards the trained weights; default: 0.0"
     )
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument(
@@ -423,8 +462,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--prompt", default="def", help="what the generated text continues; default: def")
     sampling.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; default: 0.8")
     checkpoints = parser.add_argument_group("checkpoints")
-    checkpoints.add_argument("--checkpoint-dir", type=Path, default=None, help="save checkpoints (last.ckpt) here")
-    checkpoints.add_argument("--resume", default=None, help="a checkpoint to resume from, or `last` (--checkpoint-dir)")
+    checkpoints.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="save DIR/last.ckpt after every validation, after the last batch and where Ctrl-C stops the run;"
+        " default: none (nothing saved)",
+    )
+    checkpoints.add_argument(
+        "--resume",
+        default=None,
+        metavar="CHECKPOINT",
+        help="a checkpoint to resume from, or last (DIR/last.ckpt of --checkpoint-dir); the data, segment and model"
+        " flags must repeat the checkpoint's; default: none (a new run)",
+    )
 
 
 def end_of_batch(max_steps: int, lane_length: int, batch_steps: int, tbptt: TBPTTCallback) -> int:
@@ -465,6 +517,8 @@ def _check(args: argparse.Namespace) -> str | None:
             raise SystemExit(f"error: argument {flag}: expected a positive integer, got {getattr(args, name)}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: argument --threads: expected a positive integer, got {args.threads}")
+    if not 0 <= args.seed < 2**32:
+        raise SystemExit(f"error: argument --seed: expected 0 to 4294967295 (numpy's seeds), got {args.seed}")
     if not args.lr > 0:
         raise SystemExit(f"error: argument --lr: expected a positive learning rate, got {args.lr}")
     if args.stride is not None and not 1 <= args.stride <= args.segment_length:
@@ -595,7 +649,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Train and validate as the flags say, print the report and return its numbers.
 
     Raises:
-        SystemExit: with status 130 where Ctrl-C stopped the run, after printing how to resume it.
+        SystemExit: With status 130 where Ctrl-C stopped the run, after printing how to resume it; with the message
+            ``"error: argument --flag: ..."`` for a refused flag, before anything runs (the command prints it as
+            ``lightning-tbptt demo: error: argument --flag: ...`` and exits with status 2).
+        TBPTTError: The library's, where it refuses the run (the command prints it on one line too).
     """
     resume = _check(args)
     resumed_step = None if resume is None else _check_checkpoint(args, resume)

@@ -1,6 +1,9 @@
 """``TBPTTCallback`` set up from a ``LightningCLI`` config like any Lightning callback, in real ``fit`` runs."""
 
+import re
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -213,3 +216,66 @@ def test_random_lengths_and_dynamic_eval_parse_from_yaml_and_train(tmp_path):
     assert callback.dynamic_eval == DynamicEvaluation(0.01, "sgd", stages=("test",))
     drawn = [callback.training_segments(STEPS, epoch=0, batch=b) for b in range(BATCHES)]
     assert cli.trainer.global_step == sum(drawn)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# What a bad value prints, in a real command (docs/integration.md, "A bad value")
+# --------------------------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = next(
+    textwrap.dedent(block)
+    for block in re.findall(r"^ *```python\n(.*?)^ *```$", (ROOT / "docs" / "integration.md").read_text(), re.S | re.M)
+    if "class CLI(LightningCLI)" in block
+)
+SEGMENT_LENGTH_MESSAGE = (
+    "Expected argument `segment_length` to be a positive integer but got 0. Pass the number of time steps per"
+    " segment, e.g. `TBPTTCallback(segment_length=64)`."
+)
+
+
+def command(cli: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A user's script, ``cli`` then ``cli(PaddedRegressor, PaddedData)``, run with ``args``."""
+    script = f"{cli}\nfrom tests.test_cli import PaddedData, PaddedRegressor\n\nCLI(PaddedRegressor, PaddedData)\n"
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def last_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+PLAIN = "from pytorch_lightning.cli import LightningCLI as CLI"
+
+
+@pytest.mark.slow  # a command in a fresh interpreter
+def test_a_value_outside_its_type_is_a_parser_error_without_a_traceback(tmp_path):
+    args = ["--trainer.callbacks+=lightning_tbptt.TBPTTCallback", "--trainer.callbacks.step_per=sequence"]
+    done = command(PLAIN, "fit", "--config", str(write_config(tmp_path, callback="")), *args)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert 'Parser key "step_per"' in done.stderr
+    # the allowed values (before jsonargparse 4.43 the reason reads "Cannot take a Union of no types.")
+    assert "Literal['segment', 'batch']" in done.stderr or "Union of no types" in done.stderr
+
+
+@pytest.mark.slow  # two commands in fresh interpreters
+def test_a_value_the_callback_refuses_ends_in_one_line_with_the_documented_cli(tmp_path):
+    config = str(write_config(tmp_path, segment_length=0))
+    plain = command(PLAIN, "fit", "--config", config)  # what the page says a plain LightningCLI prints
+    assert plain.returncode == 1
+    assert "Traceback" in plain.stderr
+    assert f"lightning_tbptt.errors.ConfigurationError: {SEGMENT_LENGTH_MESSAGE}" in plain.stderr
+
+    documented = command(RECIPE, "fit", "--config", config)
+    assert documented.returncode == 2, documented.stderr
+    assert "Traceback" not in documented.stderr
+    assert last_line(documented.stderr) == f"error: {SEGMENT_LENGTH_MESSAGE}"
+
+
+def test_the_documented_cli_sets_up_the_callback_as_lightning_cli_does(tmp_path):
+    namespace: dict[str, object] = {}
+    exec(compile(RECIPE, "integration.md", "exec"), namespace)
+    documented = namespace["CLI"]
+    assert isinstance(documented, type) and issubclass(documented, LightningCLI)
+    cli = documented(PaddedRegressor, PaddedData, args=["--config", str(write_config(tmp_path))], run=False)
+    assert tbptt_callback(cli).segment_length == SEGMENT_LENGTH

@@ -249,11 +249,122 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         (["--dynamic-decay=-1"], "argument --dynamic-decay: expected a number >= 0, got -1.0"),
         (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
         (["--chars=1000000000000", "--held-out=1000"], "argument --chars: the standard library at .* holds"),
+        (["--seed=-1"], r"argument --seed: expected 0 to 4294967295 \(numpy's seeds\), got -1"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_and_value(flags, message):
     with pytest.raises(SystemExit, match=message):
         run(*flags)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The help is plain text with every default; errors end in one line (issue: CLI polish)
+# --------------------------------------------------------------------------------------------------------------------
+
+MARKUP = re.compile(r"``|:[a-z]+:`|`")  # reST's literals and roles, Markdown's code
+
+
+def demo_parser():
+    commands = next(action for action in build_parser()._actions if action.dest == "command")
+    return commands.choices["demo"]
+
+
+def test_every_flag_states_its_default_in_plain_text():
+    for action in demo_parser()._actions:
+        if action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        assert action.help and not MARKUP.search(action.help), flag
+        stated = re.search(r"; default: (.+)$", action.help)
+        assert stated, f"{flag}: its help does not end with its default"
+        if action.default is not None:  # otherwise the help says what happens: "off", "none (a new run)"...
+            assert stated[1].split(" ")[0].replace(",", "") == str(action.default), flag
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"]], ids=["top level", "demo"])
+def test_the_help_is_plain_text(argv, capsys):
+    with pytest.raises(SystemExit, match="0"):
+        main(argv)
+    help_text = capsys.readouterr().out
+    assert "usage: lightning-tbptt" in help_text
+    assert not MARKUP.search(help_text), MARKUP.search(help_text)
+    if "demo" in argv:
+        assert "streams it as lanes with LaneDataModule; TBPTTCallback (streaming=True) cuts" in help_text
+        assert "    lightning-tbptt demo --max-steps 6000 --checkpoint-dir runs/demo\n" in help_text  # kept as written
+
+
+def last_line(text):
+    return [line for line in text.splitlines() if line.strip()][-1]
+
+
+def test_a_refused_flag_ends_the_command_in_one_argparse_style_line(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([*TINY, "--lanes=0"])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr().err == "lightning-tbptt demo: error: argument --lanes: expected a positive integer, got 0\n"
+    )
+
+
+def old_checkpoint(checkpoint, folder):
+    """The checkpoint as the demo saved it before it kept its flags: a resume checks only the model's."""
+    saved = torch.load(checkpoint, weights_only=True)
+    del saved[demo.FLAGS_KEY]
+    torch.save(saved, folder / "old.ckpt")
+    return folder / "old.ckpt"
+
+
+LANES_MESSAGE = (
+    "lightning-tbptt demo: error: Expected the training stream to have the 750 batches per epoch of the checkpoint"
+    " being resumed but it has 375. Resume with the data, `lanes` and `steps` the checkpoint was trained with."
+)
+
+
+def test_a_library_error_in_the_fit_ends_the_command_in_one_line(checkpoint, tmp_path, capsys):
+    # `LaneDataModule` refuses the other lanes (a ConfigurationError) once the fit restores the checkpoint
+    with pytest.raises(SystemExit) as exited:
+        main([*TINY, "--max-steps=16", "--lanes=8", f"--resume={old_checkpoint(checkpoint, tmp_path)}"])
+    assert exited.value.code == 2
+    assert last_line(capsys.readouterr().err) == LANES_MESSAGE
+
+
+def test_other_library_errors_exit_with_status_1_and_bugs_keep_their_traceback(monkeypatch, capsys):
+    def fails(error):
+        def run(args):
+            raise error
+
+        return run
+
+    monkeypatch.setattr(demo, "run", fails(lightning_tbptt.BatchError("Expected a batch.")))
+    with pytest.raises(SystemExit) as exited:
+        main(["demo"])
+    assert exited.value.code == 1
+    assert capsys.readouterr().err == "lightning-tbptt demo: error: Expected a batch.\n"
+    monkeypatch.setattr(demo, "run", fails(KeyError("a bug")))
+    with pytest.raises(KeyError, match="a bug"):
+        main(["demo"])
+    monkeypatch.setattr(demo, "run", fails(SystemExit(130)))  # Ctrl-C's status passes as it is
+    with pytest.raises(SystemExit, match="130"):
+        main(["demo"])
+
+
+@pytest.mark.slow  # two commands in fresh interpreters
+def test_the_command_prints_errors_in_one_line_without_a_traceback(checkpoint, tmp_path):
+    def command(*flags):
+        return subprocess.run(
+            [sys.executable, "-m", "lightning_tbptt", *TINY, *flags], capture_output=True, text=True, timeout=300
+        )
+
+    refused = command("--stride=17")
+    assert refused.returncode == 2, refused.stderr
+    assert (
+        refused.stderr
+        == "lightning-tbptt demo: error: argument --stride: expected 1 to --segment-length (16), got 17\n"
+    )
+    failed = command("--max-steps=16", "--lanes=8", f"--resume={old_checkpoint(checkpoint, tmp_path)}")
+    assert failed.returncode == 2, failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert last_line(failed.stderr) == LANES_MESSAGE
 
 
 def test_the_demo_page_states_the_defaults_and_a_real_run():
@@ -362,11 +473,9 @@ def test_resume_refuses_flags_that_differ_from_the_checkpoint(checkpoint, flag, 
 
 
 def test_resume_checks_the_model_flags_of_a_checkpoint_saved_without_the_flags(checkpoint, tmp_path):
-    saved = torch.load(checkpoint, weights_only=True)
-    del saved[demo.FLAGS_KEY]  # as the demo saved checkpoints before it kept its flags
-    torch.save(saved, tmp_path / "old.ckpt")
+    old = old_checkpoint(checkpoint, tmp_path)
     with pytest.raises(SystemExit, match=r"argument --hidden-size: expected .* \(16\), got 32; pass --hidden-size 16"):
-        run("--max-steps=16", "--hidden-size=32", f"--resume={tmp_path / 'old.ckpt'}")
+        run("--max-steps=16", "--hidden-size=32", f"--resume={old}")
 
 
 def test_a_new_run_does_not_overwrite_the_checkpoint_of_another(checkpoint):
