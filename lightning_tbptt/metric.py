@@ -55,13 +55,19 @@ class MaskedMetric(WrapperMetric):
         return preds[mask], target[mask]
 
     def update(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> None:
-        """Update the wrapped metric with the valid steps of ``preds`` and ``target``."""
-        self.metric.update(*self._select(preds, target, mask))
+        """Update the wrapped metric with the valid steps of ``preds`` and ``target`` (none: it is left as it is)."""
+        selected = self._select(preds, target, mask)
+        if len(selected[0]):  # many metrics refuse an empty update (classification ones raise)
+            self.metric.update(*selected)
         self._update_count += 1
 
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Any:
-        """Update the wrapped metric and return its value on these steps alone."""
-        self._forward_cache = self.metric(*self._select(preds, target, mask))
+        """Update the wrapped metric and return its value on these steps alone (NaN where no step is valid)."""
+        selected = self._select(preds, target, mask)
+        if len(selected[0]):
+            self._forward_cache = self.metric(*selected)
+        else:  # as a torchmetrics mean over no values: NaN, the wrapped metric left as it is
+            self._forward_cache = torch.tensor(float("nan"), device=preds.device)
         self._update_count += 1
         return self._forward_cache
 

@@ -50,6 +50,20 @@ def test_update_bookkeeping_and_dtype_reach_like_a_plain_metric():
     assert metric.metric.sum_squared_error.dtype == torch.float64
 
 
+def test_a_mask_that_selects_nothing_leaves_the_metric_as_it_is():
+    # a classification metric refuses an empty update: a segment with no valid step must not reach it
+    preds, target, mask = random_steps()
+    nothing = torch.zeros_like(mask)
+    masked, plain = MaskedMetric(MulticlassAccuracy(num_classes=4)), MulticlassAccuracy(num_classes=4)
+    masked.update(preds, target, mask=nothing)
+    masked.update(preds, target, mask=mask)
+    assert torch.isnan(masked(preds, target, mask=nothing))
+    masked.update(preds, target, mask=nothing)
+    plain.update(preds[mask], target[mask])
+    assert torch.equal(masked.compute(), plain.compute())
+    assert masked.update_count == 4
+
+
 def test_metric_collection_of_masked_metrics():
     preds, target, mask = random_steps()
     collection = MetricCollection(
