@@ -64,10 +64,9 @@ class MaskedMetric(WrapperMetric):
     def forward(self, preds: Tensor, target: Tensor, mask: Tensor | None = None) -> Any:
         """Update the wrapped metric and return its value on these steps alone (NaN where no step is valid)."""
         selected = self._select(preds, target, mask)
-        if len(selected[0]):
-            self._forward_cache = self.metric(*selected)
-        else:  # as a torchmetrics mean over no values: NaN, the wrapped metric left as it is
-            self._forward_cache = torch.tensor(float("nan"), device=preds.device)
+        # none selected: NaN, as a torchmetrics mean over no values, the wrapped metric left as it is
+        value: Any = self.metric(*selected) if len(selected[0]) else torch.tensor(float("nan"), device=preds.device)
+        self._forward_cache = value
         self._update_count += 1
         return self._forward_cache
 
