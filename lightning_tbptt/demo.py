@@ -718,14 +718,12 @@ def _run(args: argparse.Namespace, resume: str | None, resumed_step: int | None,
     ctrl_c = CtrlC(save)
     probes = Probes(tbptt)
     callbacks: list[pl.Callback] = [tbptt, history, bar, probes, *([save] if save else []), ctrl_c]
-    trainer = pl.Trainer(
+    trainer = _trainer(
+        args,
         max_steps=max_steps,
         max_epochs=-1,
         val_check_interval=args.val_every,
         check_val_every_n_epoch=None,
-        accelerator=args.accelerator,
-        devices=_devices(args.devices),
-        precision=args.precision,
         callbacks=callbacks,
         gradient_clip_val=1.0,
         logger=False,
@@ -863,10 +861,8 @@ def dynamic_evaluation(model: CharLM, data: LaneDataModule, args: argparse.Names
         statistics_batches=2,
     )
     callback = TBPTTCallback(args.segment_length, streaming=True, resets="starts", dynamic_eval=settings)
-    trainer = pl.Trainer(
-        accelerator=args.accelerator,
-        devices=_devices(args.devices),
-        precision=args.precision,
+    trainer = _trainer(
+        args,
         callbacks=[callback],
         logger=False,
         enable_checkpointing=False,
@@ -882,7 +878,8 @@ def sample(model: CharLM, prompt: str, count: int, temperature: float, seed: int
 
     The model is called on the prompt, then on each sampled character alone (its ``forward`` takes no state); the
     characters are drawn from the softmax of the logits divided by ``temperature``, from a generator seeded with
-    ``seed``. Bytes that do not decode as UTF-8 are shown as U+FFFD.
+    ``seed``. Bytes that do not decode as UTF-8 are shown as U+FFFD, control characters other than newline and tab as
+    Python escapes (a bell as the four characters of its escape), never sent to the terminal as they are.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -899,7 +896,9 @@ def sample(model: CharLM, prompt: str, count: int, temperature: float, seed: int
                 logits = step(token)[:, -1]
     finally:
         model.train(was_training)
-    return bytes(drawn).decode("utf-8", errors="replace")
+    text = bytes(drawn).decode("utf-8", errors="replace")
+    # control characters (a bell, a terminal escape) shown as escapes rather than sent to the terminal
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def _report_table(say: Any, before: float | None, rows: list[tuple[int, int, float]]) -> None:
@@ -960,6 +959,19 @@ def _stop_message(args: argparse.Namespace, ctrl_c: CtrlC) -> str:
 
 def _devices(value: str) -> int | str:
     return int(value) if value.isdigit() else value
+
+
+def _trainer(args: argparse.Namespace, **settings: Any) -> pl.Trainer:
+    """A ``Trainer`` on the device the flags ask for; Lightning's refusal of those flags ends the demo in one line."""
+    device = {"accelerator": args.accelerator, "devices": _devices(args.devices), "precision": args.precision}
+    try:
+        return pl.Trainer(**device, **settings)
+    except Exception as error:  # Lightning's own: ValueError, TypeError, MisconfigurationException, a missing package
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(
+            f"error: argument --accelerator/--devices/--precision: Lightning refused --accelerator {args.accelerator}"
+            f" --devices {args.devices} --precision {args.precision}: {reason}"
+        ) from error
 
 
 def _peak_rss_mib() -> float:

@@ -142,7 +142,9 @@ def test_sampling_equals_the_hand_written_step_loop():
             drawn.append(int(token))
             out, state = model.lstm(model.embed(token), state)
             logits = model.head(out)[:, -1]
-    assert text == bytes(drawn).decode("utf-8", errors="replace")
+    decoded = bytes(drawn).decode("utf-8", errors="replace")  # control characters shown as their escapes
+    assert text == "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in decoded)
+    assert all(c.isprintable() or c in "\n\t" for c in text)
     assert model.training and not model.lstm._forward_hooks  # left as it was
 
 
@@ -250,6 +252,9 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
         (["--resume=missing.ckpt"], "argument --resume: no checkpoint at missing.ckpt"),
         (["--chars=1000000000000", "--held-out=1000"], "argument --chars: the standard library at .* holds"),
         (["--seed=-1"], r"argument --seed: expected 0 to 4294967295 \(numpy's seeds\), got -1"),
+        # Lightning's own refusals of the device flags, in one line
+        (["--precision=8"], r"argument --accelerator/--devices/--precision: Lightning refused .* 8: Precision"),
+        (["--devices=0,1"], r"Lightning refused --accelerator cpu --devices 0,1 --precision 32-true: `devices`"),
     ],
 )
 def test_bad_flags_are_refused_with_the_flag_and_value(flags, message):
@@ -320,12 +325,21 @@ LANES_MESSAGE = (
 )
 
 
+BATCH_MESSAGE = (
+    "lightning-tbptt demo: error: Expected the batches to continue the lanes of the checkpoint being resumed, which"
+    " carries the state of 4 lanes, but the batch has 8 rows. Resume with the data layout (`lanes`, and the number of"
+    " processes) the checkpoint was trained with."
+)
+# Lightning 2.6 restores the datamodule's state before the first batch: `LaneDataModule` refuses the other lanes (a
+# ConfigurationError, status 2); Lightning 2.1 restores it later, and the callback refuses the first batch's rows first
+# (a BatchError, status 1). Either ends in the one line of the library's error.
+REFUSED_RESUME = {(2, LANES_MESSAGE), (1, BATCH_MESSAGE)}
+
+
 def test_a_library_error_in_the_fit_ends_the_command_in_one_line(checkpoint, tmp_path, capsys):
-    # `LaneDataModule` refuses the other lanes (a ConfigurationError) once the fit restores the checkpoint
     with pytest.raises(SystemExit) as exited:
         main([*TINY, "--max-steps=16", "--lanes=8", f"--resume={old_checkpoint(checkpoint, tmp_path)}"])
-    assert exited.value.code == 2
-    assert last_line(capsys.readouterr().err) == LANES_MESSAGE
+    assert (exited.value.code, last_line(capsys.readouterr().err)) in REFUSED_RESUME
 
 
 def test_other_library_errors_exit_with_status_1_and_bugs_keep_their_traceback(monkeypatch, capsys):
@@ -355,16 +369,17 @@ def test_the_command_prints_errors_in_one_line_without_a_traceback(checkpoint, t
             [sys.executable, "-m", "lightning_tbptt", *TINY, *flags], capture_output=True, text=True, timeout=300
         )
 
+    # (what comes before the last line: warnings of older Lightning releases as they are imported)
     refused = command("--stride=17")
     assert refused.returncode == 2, refused.stderr
+    assert "Traceback" not in refused.stderr
     assert (
-        refused.stderr
-        == "lightning-tbptt demo: error: argument --stride: expected 1 to --segment-length (16), got 17\n"
+        last_line(refused.stderr)
+        == "lightning-tbptt demo: error: argument --stride: expected 1 to --segment-length (16), got 17"
     )
     failed = command("--max-steps=16", "--lanes=8", f"--resume={old_checkpoint(checkpoint, tmp_path)}")
-    assert failed.returncode == 2, failed.stderr
     assert "Traceback" not in failed.stderr
-    assert last_line(failed.stderr) == LANES_MESSAGE
+    assert (failed.returncode, last_line(failed.stderr)) in REFUSED_RESUME, failed.stderr
 
 
 def test_the_demo_page_states_the_defaults_and_a_real_run():
