@@ -141,7 +141,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    pl.seed_everything(args.seed, verbose=False)
+    pl.seed_everything(args.seed)
 
     # 1. The data: one document per module; the held-out modules are never trained on.
     train = module_sources(TRAIN_MODULES)

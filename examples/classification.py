@@ -178,7 +178,9 @@ def padding_changes_nothing(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--train-size", type=int, default=2048, help="training sequences")
     parser.add_argument("--val-size", type=int, default=512, help="held-out sequences")
     parser.add_argument("--min-length", type=int, default=20, help="shortest sequence")

@@ -1,4 +1,4 @@
-"""A recurrence that is not a ``torch.nn`` RNN, made carriable with a ``StateSpec``, trained and sampled.
+"""A recurrence that is not a torch.nn RNN, made carriable with a StateSpec, trained and sampled.
 
 The model is a small character-level language model built from minGRU layers (Feng et al. 2024, "Were RNNs All We
 Needed?"): ``h_t = (1 - z_t) * h_{t-1} + z_t * v_t`` with the gate ``z_t`` and the candidate ``v_t`` computed from the
@@ -204,7 +204,9 @@ def hand_written_loop_agrees(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--characters", type=int, default=400_000, help="characters of generated training text")
     parser.add_argument("--hidden-size", type=int, default=64, help="width of the embedding and of every layer")
     parser.add_argument("--layers", type=int, default=2, help="minGRU blocks")

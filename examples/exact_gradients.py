@@ -1,4 +1,4 @@
-"""``exact=True``: a lag that truncated BPTT cannot learn, learned at the same segment length with exact gradients.
+"""exact=True: a lag that truncated BPTT cannot learn, learned at the same segment length with exact gradients.
 
 The task is the copy task with a lag: each sequence is ``--length`` random symbols out of ``--vocab`` (one-hot
 inputs), and the target at step ``t`` is the symbol seen ``--lag`` steps earlier. A one-layer LSTM must hold each
@@ -139,7 +139,9 @@ def exact_equals_full_bptt(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--lag", type=int, default=8, help="the target is the symbol this many steps earlier")
     parser.add_argument("--length", type=int, default=64, help="steps per sequence")
     parser.add_argument("--vocab", type=int, default=8, help="symbols (chance is 1/vocab)")

@@ -104,7 +104,9 @@ class Forecaster(pl.LightningModule):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--minutes", type=float, default=10.0, help="length of the recording, at 100 Hz")
     parser.add_argument("--channels", type=int, default=4, help="sensor channels")
     parser.add_argument("--noise", type=float, default=0.05, help="standard deviation of the measurement noise")

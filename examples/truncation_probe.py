@@ -1,4 +1,4 @@
-"""The truncation-bias probe and ``segment_length="auto"`` on a task whose dependency length is known: copy at lag L.
+"""The truncation-bias probe and segment_length="auto" on a task whose dependency length is known: copy at lag L.
 
 Each sequence is random symbols out of ``V``; the target at step ``t`` is the symbol seen at step ``t - L`` (steps
 before ``L`` are not scored). To learn it, a gradient must travel ``L`` steps back through the LSTM's state: segments

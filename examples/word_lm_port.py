@@ -1,4 +1,4 @@
-"""PyTorch's word_language_model training loop, ported to Lightning with ``TBPTTCallback``; both run, and agree.
+"""PyTorch's word_language_model training loop, ported to Lightning with TBPTTCallback; both run, and agree.
 
 The classic example (``pytorch/examples``, ``word_language_model/main.py``) trains an LSTM language model with a
 hand-written truncated-BPTT loop: the corpus is laid out time-first as ``(T, B)`` by ``batchify``, ``get_batch(source,

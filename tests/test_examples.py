@@ -48,3 +48,12 @@ def test_each_example_runs_on_its_small_setting(script, tmp_path):
         timeout=600,
     )
     assert result.returncode == 0, f"{script.name} {ci_argv(script)}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.stem)
+def test_each_example_help_is_plain_text_with_its_defaults(script):
+    result = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "(default:" in result.stdout
+    for markup in ("``", ":class:", ":func:", ":mod:"):
+        assert markup not in result.stdout, f"{script.name} --help shows {markup}"
