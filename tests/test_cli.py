@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_tbptt import ConfigurationError, DynamicEvaluation, RandomLengths, TBPTTCallback, masked_mean
+from lightning_tbptt.cli import OneLineErrors
 
 # 12 padded sequences of 10 steps in batches of 4, the first 2 batches run, segments of 3: 4 segments per batch
 SEQUENCES, STEPS, BATCH_SIZE, BATCHES, SEGMENT_LENGTH = 12, 10, 4, 2, 3
@@ -226,11 +227,14 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = next(
     textwrap.dedent(block)
     for block in re.findall(r"^ *```python\n(.*?)^ *```$", (ROOT / "docs" / "integration.md").read_text(), re.S | re.M)
-    if "class CLI(LightningCLI)" in block
+    if "class CLI(OneLineErrors, LightningCLI)" in block
 )
 SEGMENT_LENGTH_MESSAGE = (
     "Expected argument `segment_length` to be a positive integer but got 0. Pass the number of time steps per"
     " segment, e.g. `TBPTTCallback(segment_length=64)`."
+)
+STEP_PER_MESSAGE = (
+    "Expected argument `step_per` of `TBPTTCallback` to be one of 'segment', 'batch' or None but got sequence."
 )
 
 
@@ -247,15 +251,34 @@ def last_line(text: str) -> str:
 PLAIN = "from pytorch_lightning.cli import LightningCLI as CLI"
 
 
-@pytest.mark.slow  # a command in a fresh interpreter
-def test_a_value_outside_its_type_is_a_parser_error_without_a_traceback(tmp_path):
-    args = ["--trainer.callbacks+=lightning_tbptt.TBPTTCallback", "--trainer.callbacks.step_per=sequence"]
-    done = command(PLAIN, "fit", "--config", str(write_config(tmp_path, callback="")), *args)
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    assert 'Parser key "step_per"' in done.stderr
+class OneLineCLI(OneLineErrors, LightningCLI):
+    pass
+
+
+def documented_cli() -> type:
+    namespace: dict[str, object] = {}
+    exec(compile(RECIPE, "integration.md", "exec"), namespace)
+    cli = namespace["CLI"]
+    assert isinstance(cli, type) and issubclass(cli, LightningCLI) and issubclass(cli, OneLineErrors)
+    return cli
+
+
+@pytest.mark.slow  # two commands in fresh interpreters
+def test_a_value_outside_its_type_is_a_parser_error_and_one_line_with_the_documented_cli(tmp_path):
+    args = ["fit", "--config", str(write_config(tmp_path, callback=""))]
+    args += ["--trainer.callbacks+=lightning_tbptt.TBPTTCallback", "--trainer.callbacks.step_per=sequence"]
+    plain = command(PLAIN, *args)  # what the page says a plain LightningCLI prints
+    assert plain.returncode == 2, plain.stderr
+    assert "Traceback" not in plain.stderr
+    assert 'Parser key "step_per"' in plain.stderr
     # the allowed values (before jsonargparse 4.43 the reason reads "Cannot take a Union of no types.")
-    assert "Literal['segment', 'batch']" in done.stderr or "Union of no types" in done.stderr
+    assert "Literal['segment', 'batch']" in plain.stderr or "Union of no types" in plain.stderr
+    assert last_line(plain.stderr) != f"error: {STEP_PER_MESSAGE}"
+
+    documented = command(RECIPE, *args)
+    assert documented.returncode == 2, documented.stderr
+    assert "Traceback" not in documented.stderr
+    assert last_line(documented.stderr) == f"error: {STEP_PER_MESSAGE}"
 
 
 @pytest.mark.slow  # two commands in fresh interpreters
@@ -272,10 +295,43 @@ def test_a_value_the_callback_refuses_ends_in_one_line_with_the_documented_cli(t
     assert last_line(documented.stderr) == f"error: {SEGMENT_LENGTH_MESSAGE}"
 
 
-def test_the_documented_cli_sets_up_the_callback_as_lightning_cli_does(tmp_path):
-    namespace: dict[str, object] = {}
-    exec(compile(RECIPE, "integration.md", "exec"), namespace)
-    documented = namespace["CLI"]
-    assert isinstance(documented, type) and issubclass(documented, LightningCLI)
-    cli = documented(PaddedRegressor, PaddedData, args=["--config", str(write_config(tmp_path))], run=False)
+@pytest.mark.parametrize(
+    ("callback", "message"),
+    [
+        (CALLBACK.format(segment_length=3, step_per="sequence", lengths="null"), STEP_PER_MESSAGE),
+        (
+            CALLBACK.format(segment_length=3, step_per="segment", lengths="null") + "        loss_on: middle\n",
+            "Expected argument `loss_on` of `TBPTTCallback` to be one of 'new', 'window' but got middle.",
+        ),
+        (
+            CALLBACK.format(segment_length="many", step_per="segment", lengths="null"),
+            "Expected argument `segment_length` of `TBPTTCallback` to be an int or one of 'auto' or None but got many.",
+        ),
+        (
+            CALLBACK.format(segment_length=3, step_per="segment", lengths="null") + "        exact: 2\n",
+            "Expected argument `exact` of `TBPTTCallback` to be a bool but got 2.",
+        ),
+        (CALLBACK.format(segment_length=0, step_per="segment", lengths="null"), SEGMENT_LENGTH_MESSAGE),
+        (
+            OPTIONS_CALLBACK.format(
+                segment_length=3, step_per="segment", lengths="null", random_lengths="{rule: bad}", dynamic_eval="null"
+            ),
+            "Expected argument `rule` of `RandomLengths` to be",
+        ),
+    ],
+    ids=["literal", "literal alone", "int or auto", "bool", "refused by the callback", "a nested class"],
+)
+def test_one_line_errors_end_with_one_line_that_names_the_argument(tmp_path, capsys, callback, message):
+    (tmp_path / "config.yaml").write_text("trainer:\n  max_epochs: 1\n" + callback)
+    with pytest.raises(SystemExit) as exited:
+        OneLineCLI(PaddedRegressor, PaddedData, args=["--config", str(tmp_path / "config.yaml")], run=False)
+    assert exited.value.code == 2
+    assert last_line(capsys.readouterr().err).startswith(f"error: {message}")
+
+
+def test_one_line_errors_leave_other_errors_and_good_configs_as_lightning_cli_has_them(tmp_path, capsys):
+    cli = documented_cli()(PaddedRegressor, PaddedData, args=["--config", str(write_config(tmp_path))], run=False)
     assert tbptt_callback(cli).segment_length == SEGMENT_LENGTH
+    with pytest.raises(SystemExit):
+        OneLineCLI(PaddedRegressor, PaddedData, args=["--trainer.max_epochs=abc"], run=False)
+    assert "Given value: abc" in last_line(capsys.readouterr().err)  # not about the library: jsonargparse's report
