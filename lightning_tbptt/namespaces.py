@@ -12,6 +12,7 @@ A ``LightningModule`` and its ``Trainer`` always share a namespace: Lightning it
 
 import importlib
 import sys
+from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -73,10 +74,10 @@ else:
     DataModuleBase = _combined("DataModuleBase", tuple(namespace.LightningDataModule for namespace in NAMESPACES))
 
 
-def is_param_in_hook_signature(hook: Any, param: str, explicit: bool = False, min_args: int | None = None) -> bool:
-    """Lightning's own test of whether ``hook`` takes ``param`` (from the first namespace; both have the same code)."""
-    module = importlib.import_module(f"{NAMESPACES[0].__name__}.utilities.signature_utils")
-    return bool(module.is_param_in_hook_signature(hook, param, explicit=explicit, min_args=min_args))
+is_param_in_hook_signature: Callable[..., bool] = importlib.import_module(
+    f"{NAMESPACES[0].__name__}.utilities.signature_utils"
+).is_param_in_hook_signature
+"""Lightning's own test of whether a hook takes a parameter (the first namespace's; both have the same code)."""
 
 
 def namespace_of(obj: Any) -> ModuleType:

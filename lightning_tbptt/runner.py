@@ -227,22 +227,22 @@ class SegmentRunner:
         plan.agree(total)
         devices = operations.random_devices()
         planned = list(plan)
-        with operations.replayable():
-            boundaries = self._first_pass(planned, kwargs, stream, total, devices)
-        after = Boundary(stream.state.carried, stream.state.rows)
         output: dict[str, Any] = {}
         decision = None
         link = Link()
-        try:
-            with replayed(devices), operations.replayable():
-                for index, position in enumerate(reversed(range(len(planned)))):
-                    decision = decide(index)
-                    segment_output, link = self._recompute(
-                        planned[position], boundaries[position], link, kwargs, stream, run_segment, decision, total
-                    )
-                    output = output or segment_output  # the output of the batch's last segment
-        finally:
-            after.install(stream.state)
+        with operations.replayable():  # both passes
+            boundaries = self._first_pass(planned, kwargs, stream, total, devices)
+            after = Boundary(stream.state.carried, stream.state.rows)
+            try:
+                with replayed(devices):
+                    for index, position in enumerate(reversed(range(len(planned)))):
+                        decision = decide(index)
+                        segment_output, link = self._recompute(
+                            planned[position], boundaries[position], link, kwargs, stream, run_segment, decision, total
+                        )
+                        output = output or segment_output  # the output of the batch's last segment
+            finally:
+                after.install(stream.state)
         index, decision = self._idle(plan, kwargs, run_segment, len(planned) - 1, total, decide, decision)
         return TrainedBatch(output, index, decision)
 
